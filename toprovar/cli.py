@@ -1,0 +1,91 @@
+"""``toprovar`` command line: generate (PyTorch pipeline or an exported engine directory)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _floats(text: str) -> float | list[float]:
+    vals = [float(v) for v in text.split(",")]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
+    p.add_argument("-o", "--output", default="output/toprovar.png",
+                   help="PNG path (with several prompts, _i is appended)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=_floats, default=None, help="CFG scale, or one per scale: 1,1,3,...")
+    p.add_argument("--tau", type=_floats, default=None, help="sampling temperature, or one per scale")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="longer image side in pixels")
+    p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio h/w")
+    p.add_argument("--policy", default="none", help="pruning policy (see `toprovar policies`)")
+    p.add_argument("--calibration", default=None, help="calibration JSON for the policy")
+    p.add_argument("--profile", action="store_true", help="per-scale timing and kept tokens")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline, save_png, to_uint8
+    from .policy import make_policy
+    policy = make_policy(args.policy, args.calibration)
+    pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
+                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed)
+    if pipe.random_weights:
+        print(f"note: model '{args.model}' has RANDOM weights (no --checkpoint given): the image is noise-like "
+              "and shows the pipeline, not a trained model", file=sys.stderr)
+    res = pipe.generate(args.prompt, seed=args.seed, resolution=args.resolution, h_div_w=args.h_div_w,
+                        cfg=args.cfg, tau=args.tau, top_p=args.top_p, policy=policy, profile=args.profile)
+    print_report(res, args.profile)
+    for i, img in enumerate(to_uint8(res.images)):
+        out = Path(args.output)
+        if len(args.prompt) > 1:
+            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
+        print(save_png(img, out))
+    return 0
+
+
+def print_report(res, profile: bool) -> None:
+    """Per-scale kept-token table (and time with --profile) on stderr."""
+    if not profile:
+        return
+    print(f"{'scale':>5} {'tokens':>7} {'kept%':>7} {'cfg':>4} {'ms':>9}", file=sys.stderr)
+    for si, n in res.trace.tokens.items():
+        kept = res.trace.kept[si]
+        frac = sum(kept) / max(1, n * len(kept))
+        ms = res.scale_ms[si] if si < len(res.scale_ms) else float("nan")
+        print(f"{si:>5} {n:>7} {100 * frac:>6.1f}% {'x2' if res.trace.cfg_batch[si] else 'x1':>4} {ms:>9.2f}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="toprovar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images from text")
+    g.add_argument("--model", default="tiny", help="tiny | infinity-2b | infinity-8b")
+    g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
+    g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
+    g.add_argument("--t5", default=None, help="local flan-t5-xl directory")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
+    add_generation_args(g)
+    g.set_defaults(func=cmd_generate)
+    sub.add_parser("policies", help="list pruning policies").set_defaults(
+        func=lambda a: print("\n".join(__import__("toprovar.policy", fromlist=["POLICIES"]).POLICIES)) or 0)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"toprovar: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

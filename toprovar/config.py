@@ -1,0 +1,82 @@
+"""Model configurations: the official Infinity-2B / Infinity-8B and the project's tiny model."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an Infinity transformer (always shared AdaLN, cosine attention, 2D RoPE).
+
+    codebook_dim: the VAE's bits per latent position; with ``spatial_patchify`` the transformer sees
+    2x2 latent positions per token, so ``token_bits`` = 4 * codebook_dim.
+    """
+    name: str
+    depth: int
+    width: int
+    num_heads: int
+    text_channels: int
+    codebook_dim: int
+    vae: str
+    text_encoder: str
+    spatial_patchify: bool = False
+    text_maxlen: int = 512
+    block_chunks: int = 8
+    norm_eps: float = 1e-6
+    default_preset: str = "1M"
+    default_cfg: float = 3.0
+    default_tau: float = 0.5
+    top_p: float = 0.97
+    random_weights_label: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.width * 4 / 256) * 256
+
+    @property
+    def token_bits(self) -> int:
+        return self.codebook_dim * (4 if self.spatial_patchify else 1)
+
+    @property
+    def pool_heads(self) -> int:
+        """Heads of the attentive text pool (official: head dim 64 above width 4096, else 128)."""
+        return self.text_channels // (64 if self.width > 4096 else 128)
+
+    def validate(self) -> "ModelConfig":
+        if self.width % self.num_heads:
+            raise ValueError(f"config {self.name}: width {self.width} not divisible by num_heads {self.num_heads}")
+        if self.depth % self.block_chunks:
+            raise ValueError(f"config {self.name}: depth {self.depth} not divisible by block_chunks {self.block_chunks}")
+        if self.head_dim % 4:
+            raise ValueError(f"config {self.name}: head dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.pool_heads < 1 or self.width % self.pool_heads:
+            raise ValueError(f"config {self.name}: text_channels {self.text_channels} gives no valid text pool heads")
+        return self
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw).validate()
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "infinity-2b": ModelConfig("infinity-2b", depth=32, width=2048, num_heads=16, text_channels=2048,
+                               codebook_dim=32, vae="infinity-2b", text_encoder="flan-t5-xl").validate(),
+    "infinity-8b": ModelConfig("infinity-8b", depth=40, width=3584, num_heads=28, text_channels=2048,
+                               codebook_dim=14, spatial_patchify=True, vae="infinity-8b",
+                               text_encoder="flan-t5-xl").validate(),
+    "tiny": ModelConfig("tiny", depth=4, width=128, num_heads=2, text_channels=128, codebook_dim=16,
+                        vae="tiny", text_encoder="tiny", text_maxlen=64, block_chunks=2,
+                        default_preset="0.06M", default_cfg=3.0, default_tau=1.0).validate(),
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    """Look up a model configuration by name (one clear error for an unknown one)."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"--model: unknown model {name!r}; choose from {sorted(CONFIGS)}") from None

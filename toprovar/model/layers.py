@@ -1,0 +1,190 @@
+"""Infinity building blocks with the official parameter names and shapes.
+
+Conventions: the residual stream x is float32 (B, N, C); matrix products run in the block's parameter
+dtype (float32, bfloat16 or float16) with explicit casts, so an exported graph is strongly typed; layer
+norms, AdaLN modulation, RoPE and the head run in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import attention
+from .rope import apply_rope
+
+MAX_SCALE_MUL = math.log(100.0)
+
+
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim in float32."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the layer's dtype (input cast to it); ``bias`` overrides the layer's bias."""
+    w = layer.weight
+    b = layer.bias if bias is None else bias
+    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+
+
+class SelfAttention(nn.Module):
+    """Cosine self-attention with a learned per-head scale, 2D RoPE and a cross-scale KV cache.
+
+    Parameters: mat_qkv (3C, C) no bias; q_bias, v_bias (C,); zero_k_bias buffer (C,);
+    scale_mul_1H11 (1, H, 1, 1) log scale, clamped at ln 100; proj (C, C) with bias.
+    """
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(width, width)
+
+    def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, n, C) -> q, k, v (B, H, n, hd) in the compute dtype; q, k normalised, scaled, rotated."""
+        B, n, C = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias])
+        qkv = linear(x, self.mat_qkv, bias).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scale_mul = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp()
+        q = F.normalize(q.float(), dim=-1, eps=1e-12) * scale_mul
+        k = F.normalize(k.float(), dim=-1, eps=1e-12)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        dt = self.mat_qkv.weight.dtype
+        return q.to(dt), k.to(dt), v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, entropy: str | None = None):
+        """x (B, n, C); rope (2, n, hd/2); past_k/v (B, H, P, hd) (P may be 0).
+
+        Returns (out (B, n, C) compute dtype, k, v (B, H, n, hd) to append to the cache,
+        entropy (B, H, n) | (B, n) float32 | None). ``attn_mask`` (n, P+n) bool only for teacher forcing.
+        """
+        B, n, C = x.shape
+        q, k, v = self.qkv(x, rope)
+        keys = torch.cat([past_k, k], dim=2)
+        vals = torch.cat([past_v, v], dim=2)
+        if attn_mask is not None:
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0)
+            ent = None
+        else:
+            o, ent = attention(q, keys, vals, 1.0, entropy=entropy)
+        o = o.transpose(1, 2).reshape(B, n, C)
+        return linear(o, self.proj), k, v, ent
+
+
+class CrossAttention(nn.Module):
+    """Scaled dot-product attention to projected text (or, pooled, one learned query per head).
+
+    Parameters: mat_q (C, C) with bias, or a learned query (1, H, hd) when ``pool``; mat_kv (2C, C_kv) no
+    bias; v_bias (C,); zero_k_bias buffer (C,); proj (C, C) with bias.
+    """
+
+    def __init__(self, width: int, kv_width: int, num_heads: int, pool: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.pool = pool
+        if pool:
+            self.mat_q = nn.Parameter(torch.empty(1, num_heads, self.head_dim))
+            nn.init.trunc_normal_(self.mat_q, std=math.sqrt(1 / width / 3))
+        else:
+            self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(kv_width, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor | None, kv: torch.Tensor, kv_lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, n, C) or None when pooling; kv (B, L, C_kv); kv_lengths (B,) int -> (B, n or 1, C)."""
+        B, L, _ = kv.shape
+        bias = torch.cat([self.zero_k_bias.to(self.v_bias.dtype), self.v_bias])
+        k, v = linear(kv, self.mat_kv, bias).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.pool:
+            q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)
+        else:
+            q = linear(x, self.mat_q).view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        o, _ = attention(q, k, v, 1.0 / math.sqrt(self.head_dim), key_lengths=kv_lengths)
+        o = o.transpose(1, 2).reshape(B, q.shape[2], -1)
+        return linear(o, self.proj)
+
+
+class FFN(nn.Module):
+    """fc1 (hidden, C) -> GELU(tanh) -> fc2 (C, hidden)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.gelu(linear(x, self.fc1), approximate="tanh"), self.fc2)
+
+
+class CrossAttnBlock(nn.Module):
+    """One Infinity block: shared-AdaLN self-attention, cross-attention to text, FFN.
+
+    ada_gss (1, 1, 6, C) is added to the shared AdaLN output (B, 1, 6, C) and unbound as
+    gamma1, gamma2, scale1, scale2, shift1, shift2; ca_norm is an affine LayerNorm.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.sa = SelfAttention(width, num_heads)
+        self.ca = CrossAttention(width, width, num_heads)
+        self.ffn = FFN(width, mlp_hidden)
+        self.ca_norm = nn.LayerNorm(width, eps=eps)
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor, ada: torch.Tensor, ca_kv: torch.Tensor, ca_lengths: torch.Tensor,
+                rope: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, entropy: str | None = None):
+        """x (B, n, C) float32; ada (B, 1, 6, C) float32; ca_kv (B, L, C); ca_lengths (B,) int32;
+        rope (2, n, hd/2); past_k/v (B, H, P, hd).
+
+        Returns x (B, n, C) float32, k, v (B, H, n, hd), self-attention entropy (see SelfAttention).
+        """
+        g1, g2, s1, s2, b1, b2 = (self.ada_gss.float() + ada).unbind(2)
+        h = layer_norm(x, self.eps) * (s1 + 1) + b1
+        a, k, v, ent = self.sa(h, rope, past_k, past_v, attn_mask, entropy)
+        x = x + a.float() * g1
+        x = x + self.ca(layer_norm(x, self.eps, self.ca_norm.weight, self.ca_norm.bias), ca_kv, ca_lengths).float()
+        h = layer_norm(x, self.eps) * (s2 + 1) + b2
+        x = x + self.ffn(h).float() * g2
+        return x, k, v, ent
+
+
+class TextAttentivePool(nn.Module):
+    """Pools normalised text features (B, L, C_text) into one vector (B, C) by a learned query."""
+
+    def __init__(self, text_channels: int, width: int, num_heads: int):
+        super().__init__()
+        self.ca = CrossAttention(width, text_channels, num_heads, pool=True)
+
+    def forward(self, text: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.ca(None, text, lengths).squeeze(1)
+
+
+class AdaLNBeforeHead(nn.Module):
+    """LayerNorm modulated by SiLU -> Linear(C_cond, 2C) (scale, shift), in float32."""
+
+    def __init__(self, width: int, cond_width: int, eps: float):
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, 2 * width))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        lin = self.ada_lin[1]
+        ss = F.linear(F.silu(cond.float()), lin.weight.float(), lin.bias.float())
+        scale, shift = ss.view(-1, 1, 2, self.width).unbind(2)
+        return layer_norm(x, self.eps) * (scale + 1) + shift

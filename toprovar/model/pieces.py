@@ -1,0 +1,79 @@
+"""The static graph pieces of generation, as nn.Modules over a shared model.
+
+These are exactly what ``toprovar-export`` exports to ONNX and what the PyTorch backend runs, so the
+two cannot drift. All tensors are explicit inputs (no Python state), shapes as documented per piece.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..sampling import sample_bits
+from .infinity import Infinity
+from .layers import CrossAttnBlock
+from .quant import bits_to_codes, codes_to_tokens, latent_size, resize_codes
+
+
+class ConditionPiece(nn.Module):
+    """text (B, L, C_text) float32, lengths (B,) int32 -> cond (B', C), ada (B', 1, 6, C),
+    ca_kv (B', L, C), ca_lengths (B',) int32, x0 (B', 1, C) float32; B' = 2B with CFG."""
+
+    def __init__(self, model: Infinity, cfg: bool):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, text: torch.Tensor, lengths: torch.Tensor):
+        cond, ada, ca_kv, ca_lengths = self.model.condition(text, lengths, self.cfg)
+        return cond, ada, ca_kv, ca_lengths, self.model.first_input(cond)
+
+
+class BlockPiece(nn.Module):
+    """One block on n tokens with a cache of P tokens (both dynamic).
+
+    x (B', n, C) float32, ada (B', 1, 6, C) float32, ca_kv (B', L, C), ca_lengths (B',) int32,
+    rope (2, n, hd/2) float32, past_k/past_v (B', H, P, hd) -> x (B', n, C) float32, k, v (B', H, n, hd)
+    [, entropy (B', n) float32 head-mean self-attention entropy when ``entropy``].
+    """
+
+    def __init__(self, block: CrossAttnBlock, entropy: bool):
+        super().__init__()
+        self.block, self.entropy = block, entropy
+
+    def forward(self, x, ada, ca_kv, ca_lengths, rope, past_k, past_v):
+        x, k, v, ent = self.block(x, ada, ca_kv, ca_lengths, rope, past_k, past_v,
+                                  entropy="mean" if self.entropy else None)
+        return (x, k, v, ent) if self.entropy else (x, k, v)
+
+
+class HeadPiece(nn.Module):
+    """x (B', n, C) float32, cond (B', C) float32, uniform (B, n, bits) float32, cfg/tau/top_p (1,)
+    float32 -> bits (B, n, token_bits) float32 in {0, 1} (CFG mixing when B' = 2B)."""
+
+    def __init__(self, model: Infinity, top_k: int = 0):
+        super().__init__()
+        self.model, self.top_k = model, top_k
+
+    def forward(self, x, cond, uniform, cfg, tau, top_p):
+        return sample_bits(self.model.logits(x, cond), uniform, cfg, tau, top_p, self.top_k)
+
+
+class NextInputPiece(nn.Module):
+    """Accumulate scale ``si``'s codes and embed the next scale's input.
+
+    bits (B, h*w, token_bits) float32, summed (B, d, Hf, Wf) float32 -> summed (B, d, Hf, Wf) and, unless
+    this is the last scale, x_next (B, n_next, C) float32 (word_embed + lvl_embed[si+1]).
+    """
+
+    def __init__(self, model: Infinity, schedule: list[tuple[int, int]], si: int):
+        super().__init__()
+        self.model, self.schedule, self.si = model, schedule, si
+        self.patchify = model.cfg.spatial_patchify
+
+    def forward(self, bits: torch.Tensor, summed: torch.Tensor):
+        h, w = self.schedule[self.si]
+        codes = bits_to_codes(bits, h, w, self.model.cfg.codebook_dim, self.patchify)
+        summed = summed + resize_codes(codes, tuple(summed.shape[-2:]))
+        if self.si == len(self.schedule) - 1:
+            return (summed,)
+        nxt = resize_codes(summed, latent_size(self.schedule[self.si + 1], self.patchify))
+        return summed, self.model.embed_scale(codes_to_tokens(nxt, self.patchify), self.si + 1)

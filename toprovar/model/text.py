@@ -1,0 +1,80 @@
+"""Text encoders: flan-t5-xl (from a local directory) for the real models, a tiny T5 for the tiny one.
+
+``encode(prompts) -> (features (B, L, C_text) float32, lengths (B,) int32)`` where L = the longest
+prompt of the batch in tokens (padding beyond a prompt's length is masked by ``lengths``). A prompt
+longer than the encoder's limit is an error, never silently truncated.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that exceeds the text encoder's token limit."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes + 3 (0 pad, 1 eos, 2 unk), eos appended: a tokenizer that needs no download."""
+
+    vocab_size = 259
+
+    def __call__(self, prompt: str) -> list[int]:
+        return [b + 3 for b in prompt.encode("utf-8")] + [1]
+
+
+class TextEncoder(torch.nn.Module):
+    """A T5 encoder with its tokenizer; ``max_length`` tokens at most (eos included)."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenize, max_length: int, label: str):
+        super().__init__()
+        self.encoder, self.tokenize, self.max_length, self.label = encoder, tokenize, max_length, label
+
+    @property
+    def width(self) -> int:
+        return self.encoder.config.d_model
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.tokenize(p) for p in prompts]
+        for p, t in zip(prompts, ids):
+            if len(t) > self.max_length:
+                raise PromptTooLongError(
+                    f"--prompt: {len(t)} tokens exceed the {self.label} text encoder's limit of {self.max_length}"
+                    f" ({p[:40]!r}...)")
+        L = max(len(t) for t in ids)
+        dev = next(self.encoder.parameters()).device
+        input_ids = torch.zeros(len(ids), L, dtype=torch.long)
+        mask = torch.zeros(len(ids), L, dtype=torch.long)
+        for i, t in enumerate(ids):
+            input_ids[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(t)] = 1
+        out = self.encoder(input_ids=input_ids.to(dev), attention_mask=mask.to(dev))["last_hidden_state"]
+        return out.float(), mask.sum(1).to(torch.int32).to(dev)
+
+
+def tiny_text_encoder(width: int, max_length: int, seed: int = 0) -> TextEncoder:
+    """A randomly initialised 2-layer T5 encoder of ``width`` channels with a byte tokenizer (no files)."""
+    from transformers import T5Config, T5EncoderModel
+    cfg = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
+                   num_layers=2, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        enc = T5EncoderModel(cfg).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    return TextEncoder(enc, ByteTokenizer(), max_length, "tiny (random)")
+
+
+def t5_text_encoder(path: str | Path, max_length: int = 512, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> TextEncoder:
+    """flan-t5-xl (or any T5) from a local directory holding its config, weights and tokenizer."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--t5: {path} is not a T5 directory (no config.json)")
+    from transformers import AutoTokenizer, T5EncoderModel
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    enc = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype).to(device).eval()
+    return TextEncoder(enc, lambda p: tok(p, add_special_tokens=True)["input_ids"], max_length, path.name)

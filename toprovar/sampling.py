@@ -1,0 +1,35 @@
+"""Bitwise sampling with CFG, temperature and top-k/top-p, driven by a given uniform noise.
+
+Each bit is a 2-class distribution. Official semantics: logits / tau; with CFG the mixed logits
+cfg*cond + (1-cfg)*uncond; top-k keeps the k largest classes (k >= 2: no effect; k = 1: greedy);
+top-p removes the smaller class when its probability is <= 1 - top_p. A bit is 1 when u < p(1), so
+a backend that is given the same uniform noise draws the same bits (the official code draws with
+torch.multinomial, whose CPU and CUDA streams differ anyway).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def mix_cfg(logits: torch.Tensor, cfg: torch.Tensor | float, batch: int) -> torch.Tensor:
+    """logits (2B, ...) [cond; uncond] -> cfg * cond + (1 - cfg) * uncond (B, ...); (B, ...) passes."""
+    if logits.shape[0] == batch:
+        return logits
+    return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+
+
+def sample_bits(logits: torch.Tensor, uniform: torch.Tensor, cfg: torch.Tensor | float,
+                tau: torch.Tensor | float, top_p: torch.Tensor | float, top_k: int = 0) -> torch.Tensor:
+    """logits (B' , n, bits, 2) float32 with B' in {B, 2B}; uniform (B, n, bits) in [0, 1).
+
+    Returns bits (B, n, bits) float32 in {0, 1}.
+    """
+    batch = uniform.shape[0]
+    lg = mix_cfg(logits.float() / tau, cfg, batch)
+    p1 = torch.sigmoid(lg[..., 1] - lg[..., 0])
+    greedy = (p1 > 0.5).float()
+    if top_k == 1:
+        return greedy
+    p_small = torch.minimum(p1, 1 - p1)
+    p1 = torch.where(p_small <= 1 - top_p, greedy, p1)
+    return (uniform < p1).float()

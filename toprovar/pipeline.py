@@ -33,7 +33,7 @@ def resolve_schedule(cfg: ModelConfig, resolution: int | None, h_div_w: float) -
 
 def vae_stride(cfg: ModelConfig) -> int:
     """Pixels per transformer token side (VAE stride, x2 with spatial patchify)."""
-    return vae_mod.VAE_CONFIGS[cfg.vae].stride * (2 if cfg.spatial_patchify else 1)
+    return vae_mod.VAE_CONFIGS[cfg.vae].token_stride
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -55,14 +55,17 @@ class Pipeline:
     cfg: ModelConfig
     model: Infinity
     decoder: torch.nn.Module
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None
     random_weights: bool
 
     @classmethod
     def load(cls, model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
              t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             seed: int = 0) -> "Pipeline":
-        """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded)."""
+             seed: int = 0, text_encoder: bool = True) -> "Pipeline":
+        """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
+
+        text_encoder=False builds no text encoder: generate from precomputed features only.
+        """
         cfg = get_config(model)
         net = build_model(cfg, seed=seed, device="meta" if checkpoint else device)
         if checkpoint:
@@ -73,7 +76,9 @@ class Pipeline:
             net.to_inference_dtype(dtype)
         dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
         dec = dec.to(device).eval().requires_grad_(False)
-        if t5:
+        if not text_encoder:
+            te = None
+        elif t5:
             te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
         elif cfg.text_encoder == "tiny":
             te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed).to(device)
@@ -90,8 +95,22 @@ class Pipeline:
                  tau: float | Sequence[float] | None = None, top_p: float | None = None,
                  policy: Policy | None = None, profile: bool = False, progress: bool = True) -> GenerationResult:
         """Generate one image per prompt; see ``Orchestrator.generate`` for the result."""
-        schedule = resolve_schedule(self.cfg, resolution, h_div_w)
+        if self.text_encoder is None:
+            raise ValueError("--prompt: this pipeline has no text encoder; use generate_from_features")
         text, lengths = self.text_encoder.encode(list(prompts))
+        return self.generate_from_features(text, lengths, seed, resolution, h_div_w, cfg, tau, top_p, policy,
+                                           profile, progress)
+
+    def generate_from_features(self, text: torch.Tensor, lengths: torch.Tensor, seed: int = 0,
+                               resolution: int | None = None, h_div_w: float = 1.0,
+                               cfg: float | Sequence[float] | None = None,
+                               tau: float | Sequence[float] | None = None, top_p: float | None = None,
+                               policy: Policy | None = None, profile: bool = False,
+                               progress: bool = True) -> GenerationResult:
+        """Generate from precomputed text features (B, L, C_text) float32 and lengths (B,) int32."""
+        if text.shape[-1] != self.cfg.text_channels:
+            raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
+        schedule = resolve_schedule(self.cfg, resolution, h_div_w)
         return self.orchestrator(schedule).generate(
             text, lengths, seed=seed, cfg=self.cfg.default_cfg if cfg is None else cfg,
             tau=self.cfg.default_tau if tau is None else tau, top_p=self.cfg.top_p if top_p is None else top_p,

@@ -1,0 +1,48 @@
+"""ToProVAR's per-token keep rule as one ONNX-exportable module (the single source of truth).
+
+    Hn_i   = N H_i / sum_j H_j                       (mean-normalised entropy, mean 1)
+    q_i    = phi(s) R_l Hn_i                         (phi_r = phi(s) R_l is one input scalar)
+    P_keep = 1 - clip(a_min + (a_max - a_min) q_i, 0, 1)
+    k      = min(N, bucket * ceil(max(round(sum_i P_keep), max(1, ceil(k_min N))) / bucket))
+    order  = token indices by P_keep descending (ties: lower index first)
+
+Why mean-normalised: the paper's Eq. 5 divides by the sum, so Hn sums to 1, q_i ~ 1/N and P_keep ->
+1 - a_min for every token as N grows (4096 tokens at 1024x1024): token pruning would vanish at exactly
+the scales where it matters. N H_i / sum_j H_j keeps the paper's ranking and ratios between tokens,
+has mean 1 at every scale, so a_min / a_max mean the same at every N, and a token at the mean entropy in
+the last scale of a Detail layer (phi R = 1) is pruned with probability a_max.
+
+The module uses only exportable tensor ops (no Python control flow on values): ``k`` is computed in
+float32 and cast; sorting is a stable descending sort (ONNX TopK's tie rule: lower index first).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class TokenKeepPiece(nn.Module):
+    """entropy (n,) or (1, n) float32, phi_r (1,) float32 -> p_keep (n,) float32, k (1,) int64,
+    order (n,) int64 (descending P_keep). a_min, a_max, k_min are float32 buffers; bucket is static."""
+
+    def __init__(self, a_min: float, a_max: float, k_min: float, bucket: int):
+        super().__init__()
+        self.register_buffer("a_min", torch.tensor([a_min], dtype=torch.float32))
+        self.register_buffer("a_max", torch.tensor([a_max], dtype=torch.float32))
+        self.register_buffer("k_min", torch.tensor([k_min], dtype=torch.float32))
+        self.bucket = int(bucket)
+
+    def forward(self, entropy: torch.Tensor, phi_r: torch.Tensor):
+        h = entropy.float().reshape(-1)
+        n = torch.ones_like(h).sum()  # N as float32, shape-dynamic
+        hn = h * (n / h.sum().clamp_min(1e-12))
+        q = phi_r.float().reshape(1) * hn
+        p_keep = 1.0 - torch.clamp(self.a_min + (self.a_max - self.a_min) * q, 0.0, 1.0)
+        k_lo = torch.clamp(torch.ceil(self.k_min * n - 1e-3), min=1.0)
+        k = torch.maximum(torch.round(p_keep.sum()).reshape(1), k_lo)
+        k = torch.minimum(torch.ceil(k / self.bucket) * self.bucket, n.reshape(1))
+        order = torch.sort(p_keep, descending=True, stable=True).indices
+        return p_keep, k.to(torch.int64), order
+
+
+__all__ = ["TokenKeepPiece"]

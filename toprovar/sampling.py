@@ -2,7 +2,7 @@
 
 Each bit is a 2-class distribution. Official semantics: logits / tau; with CFG the mixed logits
 cfg*cond + (1-cfg)*uncond; top-k keeps the k largest classes (k >= 2: no effect; k = 1: greedy);
-top-p removes the smaller class when its probability is <= 1 - top_p. A bit is 1 when u < p(1), so
+top-p (when > 0) removes the smaller class when its probability is <= 1 - top_p. A bit is 1 when u < p(1), so
 a backend that is given the same uniform noise draws the same bits (the official code draws with
 torch.multinomial, whose CPU and CUDA streams differ anyway).
 """
@@ -31,5 +31,5 @@ def sample_bits(logits: torch.Tensor, uniform: torch.Tensor, cfg: torch.Tensor |
     if top_k == 1:
         return greedy
     p_small = torch.minimum(p1, 1 - p1)
-    p1 = torch.where(p_small <= 1 - top_p, greedy, p1)
+    p1 = torch.where((p_small <= 1 - top_p) & (top_p > 0), greedy, p1)
     return (uniform < p1).float()

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..sampling import sample_bits
 from .infinity import Infinity
 from .layers import CrossAttnBlock
-from .quant import bits_to_codes, codes_to_tokens, latent_size, resize_codes
+from .quant import accumulate_codes, next_scale_input
 
 
 class ConditionPiece(nn.Module):
@@ -71,9 +71,9 @@ class NextInputPiece(nn.Module):
 
     def forward(self, bits: torch.Tensor, summed: torch.Tensor):
         h, w = self.schedule[self.si]
-        codes = bits_to_codes(bits, h, w, self.model.cfg.codebook_dim, self.patchify)
-        summed = summed + resize_codes(codes, tuple(summed.shape[-2:]))
+        grid = bits.view(bits.shape[0], h, w, bits.shape[-1])
+        summed = accumulate_codes(summed, grid, tuple(summed.shape[-2:]), self.patchify)
         if self.si == len(self.schedule) - 1:
             return (summed,)
-        nxt = resize_codes(summed, latent_size(self.schedule[self.si + 1], self.patchify))
-        return summed, self.model.embed_scale(codes_to_tokens(nxt, self.patchify), self.si + 1)
+        nxt = next_scale_input(summed, self.schedule[self.si + 1], self.patchify)
+        return summed, self.model.embed_scale(nxt, self.si + 1)

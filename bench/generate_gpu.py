@@ -49,12 +49,12 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30
     prof = run(profile=True)
     name = args.out or f"generate_gpu_{args.model}_{args.policy}"
-    png = save_png(to_uint8(prof.images)[0], Path(__file__).resolve().parent / "results" / f"{name}.png")
+    png = save_png(to_uint8(prof.images)[0], Path("output") / f"{name}.png")
     rows = [{"scale": si, "tokens": n, "kept_frac": sum(prof.trace.kept[si]) / max(1, n * len(prof.trace.kept[si])),
              "ms (synced)": prof.scale_ms[si]} for si, n in prof.trace.tokens.items()]
     payload = {"model": args.model, "resolution": args.resolution, "dtype": args.dtype, "policy": args.policy,
                "batch": 1, "cfg_batch": 2, "latency": timing, "peak_memory_gib": peak,
-               "per_scale": rows, "image": png.name, "environment": environment(),
+               "per_scale": rows, "image": str(png), "environment": environment(),
                "note": "random weights; random text features stand in for flan-t5-xl"}
     md = write_results(name, payload, rows,
                        f"{args.model} {args.resolution}px {args.dtype}, policy {args.policy}: "

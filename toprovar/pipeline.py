@@ -1,7 +1,7 @@
 """The PyTorch text-to-image pipeline: model + VAE decoder + text encoder + the shared orchestrator."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -57,6 +57,8 @@ class Pipeline:
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
     random_weights: bool
+    cuda_graphs: bool = True
+    _orchestrators: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
@@ -87,8 +89,13 @@ class Pipeline:
         return cls(cfg, net, dec, te, random_weights=not checkpoint)
 
     def orchestrator(self, schedule: list[tuple[int, int]]) -> Orchestrator:
-        ropes = rope_tables(self.cfg.head_dim, schedule, rope_grid_side(schedule[-1][0] / schedule[-1][1]))
-        return Orchestrator(TorchBackend(self.model, self.decoder, schedule), model_spec(self.cfg), schedule, ropes)
+        """The orchestrator of a schedule, kept so its buffers (and CUDA graphs) serve later calls."""
+        key = tuple(schedule)
+        if key not in self._orchestrators:
+            ropes = rope_tables(self.cfg.head_dim, schedule, rope_grid_side(schedule[-1][0] / schedule[-1][1]))
+            backend = TorchBackend(self.model, self.decoder, schedule, cuda_graphs=self.cuda_graphs)
+            self._orchestrators[key] = Orchestrator(backend, model_spec(self.cfg), schedule, ropes)
+        return self._orchestrators[key]
 
     def generate(self, prompts: Sequence[str], seed: int = 0, resolution: int | None = None,
                  h_div_w: float = 1.0, cfg: float | Sequence[float] | None = None,

@@ -33,6 +33,13 @@ def _(q, k, v, scale, key_lengths, head_mean):
     return o, h
 
 
+try:  # CUDA implementation (toprovar/ops/fae.py); the native library loads lazily on first CUDA call
+    from . import fae as _fae
+    _fae.register(_attention_with_entropy_op)
+except ImportError:  # pragma: no cover
+    _fae = None
+
+
 def attention_with_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                            key_lengths: torch.Tensor | None = None, head_mean: bool = False,
                            ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""Chunked float32 reference for attention with per-query softmax entropy.
+"""Chunked reference for attention with per-query softmax entropy.
 
 Never holds more than ``max_chunk_elems`` scores of the N x N matrix at once. It is the CPU path of
-``toprovar.ops.attention_with_entropy`` and the oracle the CUDA kernel is checked against.
+``toprovar.ops.attention_with_entropy`` and the oracle the CUDA kernel is checked against. It computes in
+float32 on CUDA and in float64 on the CPU: float32 score rounding alone (|s| eps ~ 3e-7) puts random
+inputs at ~1e-6 from the exact entropy, and the CPU path is meant to be exact to 1e-6.
 
 Entropy in nats, centered streaming-free form per chunk of queries (all keys at once per chunk):
     H_i = ln l_i - (sum_j p_ij (s_ij - m_i)) / l_i,   p_ij = exp(s_ij - m_i),  l_i = sum_j p_ij
@@ -40,7 +42,7 @@ def attention_entropy_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     B, Hh, Nq, _ = q.shape
     Nk = k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if q.dtype == torch.float64 or q.device.type == "cpu" else torch.float32
     mask = key_mask_from_lengths(key_lengths, B, Nk, q.device)
     out = torch.empty(B, Hh, Nq, v.shape[-1], dtype=acc, device=q.device)
     ent = torch.empty(B, Hh, Nq, dtype=acc, device=q.device)
@@ -65,7 +67,7 @@ def attention_entropy_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         out[:, :, r0:r0 + rows] = torch.matmul(p, vf) / safe_l
         h = torch.log(safe_l).squeeze(-1) - (p * x).sum(dim=-1) / safe_l.squeeze(-1)
         ent[:, :, r0:r0 + rows] = torch.minimum(h.clamp(min=0.0), torch.log(n_valid))
-    return out.to(q.dtype), ent
+    return out.to(q.dtype), ent.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 def attention_entropy_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

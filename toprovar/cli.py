@@ -31,6 +31,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime.cli_engine import cmd_generate_engine, wants_engine_dir
+    if wants_engine_dir(args):  # --engine-dir DIR --backend {trt,onnxruntime,torch}
+        return cmd_generate_engine(args)
     from .pipeline import Pipeline, save_png, to_uint8
     from .policy import make_policy
     policy = make_policy(args.policy, args.calibration)
@@ -42,6 +45,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     res = pipe.generate(args.prompt, seed=args.seed, resolution=args.resolution, h_div_w=args.h_div_w,
                         cfg=args.cfg, tau=args.tau, top_p=args.top_p, policy=policy, profile=args.profile)
     print_report(res, args.profile)
+    if args.profile:  # policy report: kept fraction per scale and layer, FLOPs relative to unpruned
+        from .policy.flops import format_report, policy_report
+        print(format_report(policy_report(res.trace, pipe.cfg)), file=sys.stderr)
     for i, img in enumerate(to_uint8(res.images)):
         out = Path(args.output)
         if len(args.prompt) > 1:
@@ -75,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     g.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
     add_generation_args(g)
+    from .runtime.cli_engine import add_engine_args
+    add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+    from .policy.calibrate import add_calibrate_args, cmd_calibrate
+    c = sub.add_parser("calibrate", help="calibrate ToProVAR (tau, layer scores) on a prompt list -> JSON")
+    add_calibrate_args(c)
+    c.set_defaults(func=cmd_calibrate)
     sub.add_parser("policies", help="list pruning policies").set_defaults(
         func=lambda a: print("\n".join(__import__("toprovar.policy", fromlist=["POLICIES"]).POLICIES)) or 0)
     args = parser.parse_args(argv)

@@ -69,13 +69,14 @@ class Pipeline:
         text_encoder=False builds no text encoder: generate from precomputed features only.
         """
         cfg = get_config(model)
-        net = build_model(cfg, seed=seed, device="meta" if checkpoint else device)
+        # random weights are drawn on the CPU so a seed gives the same model on every device
+        net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
         if checkpoint:
             net = net.to_empty(device="cpu")
             net.load_checkpoint(checkpoint)
-        net = net.to(device)
         if dtype != torch.float32:
             net.to_inference_dtype(dtype)
+        net = net.to(device)
         dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
         dec = dec.to(device).eval().requires_grad_(False)
         if not text_encoder:

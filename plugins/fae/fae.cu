@@ -1,6 +1,11 @@
 // C API of the Flash Attention Entropy kernel: validation, dispatch on dtype and head dim, launch.
+#include <stdlib.h>
+
 #include "fae.h"
 #include "fae_kernel.cuh"
+#ifdef FAE_WITH_HOPPER
+#include "fae_hopper.h"
+#endif
 
 namespace {
 
@@ -60,10 +65,13 @@ FAE_API size_t fae_workspace_size(const FaeParams* p) {
     return static_cast<size_t>(p->batch) * p->heads * p->nq * sizeof(float);
 }
 
-static int g_variant = 0;  // benchmarking only: 0 default (4 warps, 64 keys), 1: 8 warps, 2: 128 keys
+// Benchmarking only: 0 default (the Hopper kernel where available, else the mma.sync kernel's default
+// tiles), 1-4 mma.sync tile variants, 5 Hopper with 2 K/V stages, 6 Hopper with 3 stages, 7 the mma.sync
+// default tiles even on Hopper, 8 Hopper with 3 stages and ping-pong of the consumer warpgroups.
+static int g_variant = 0;
 
 FAE_API int fae_set_variant(int variant) {
-    if (variant < 0 || variant > 4) return FAE_ERR_INVALID;
+    if (variant < 0 || variant > 8) return FAE_ERR_INVALID;
     g_variant = variant;
     return FAE_OK;
 }
@@ -108,10 +116,26 @@ FAE_API int fae_forward(const FaeParams* p, cudaStream_t stream) {
     kp.scale_log2 = p->scale * 1.4426950408889634f;
 
     int st;
-    if (g_variant >= 3 && p->dtype == FAE_DTYPE_BF16 && p->head_dim == 128)
+#ifdef FAE_WITH_HOPPER
+    // Hopper (sm_90a, TMA + wgmma) kernel: the default on compute 9.0 for head dim 128 when this build holds
+    // its sm_90a code; TOPROVAR_FAE_NO_HOPPER=1 in the environment keeps the mma.sync kernel.
+    static const bool no_hopper = getenv("TOPROVAR_FAE_NO_HOPPER") != nullptr && getenv("TOPROVAR_FAE_NO_HOPPER")[0] == '1';
+    const bool hopper_variant = g_variant == 5 || g_variant == 6 || g_variant == 8;
+    if ((hopper_variant || (g_variant == 0 && !no_hopper)) && toprovar_fae_hopper::available(p)) {
+        const int flags = g_variant == 5   ? toprovar_fae_hopper::FAE_HOPPER_STAGES2
+                          : g_variant == 8 ? toprovar_fae_hopper::FAE_HOPPER_PINGPONG
+                                           : 0;
+        st = toprovar_fae_hopper::forward(p, h_heads, flags, stream);
+    } else if (hopper_variant) {
+        return FAE_ERR_UNSUPPORTED;
+    } else
+#else
+    if (g_variant == 5 || g_variant == 6 || g_variant == 8) return FAE_ERR_UNSUPPORTED;
+#endif
+    if (g_variant >= 3 && g_variant <= 4 && p->dtype == FAE_DTYPE_BF16 && p->head_dim == 128)
         st = g_variant == 3 ? launch_m2<__nv_bfloat16, 128, 64, 4>(kp, p->batch, p->heads, p->nq, stream)
                             : launch_m2<__nv_bfloat16, 128, 32, 4>(kp, p->batch, p->heads, p->nq, stream);
-    else if (g_variant != 0 && p->dtype == FAE_DTYPE_BF16 && p->head_dim == 128)
+    else if ((g_variant == 1 || g_variant == 2) && p->dtype == FAE_DTYPE_BF16 && p->head_dim == 128)
         st = g_variant == 1 ? launch<__nv_bfloat16, 128, 64, 8>(kp, p->batch, p->heads, p->nq, stream)
                             : launch<__nv_bfloat16, 128, 128, 4>(kp, p->batch, p->heads, p->nq, stream);
     else if (p->dtype == FAE_DTYPE_BF16)
@@ -144,5 +168,21 @@ FAE_API const char* fae_status_string(int status) {
 }
 
 FAE_API int fae_version(void) { return 100; }
+
+// 1 when fae_forward would run the Hopper (sm_90a) kernel on the current device for this head dim and
+// dtype (the build holds its sm_90a code and the device is compute 9.0), else 0. Used by the Python op to
+// choose its route; not yet declared in fae.h.
+FAE_API int fae_hopper_available(int head_dim, int dtype) {
+#ifdef FAE_WITH_HOPPER
+    FaeParams p{};
+    p.head_dim = head_dim;
+    p.dtype = dtype;
+    return toprovar_fae_hopper::available(&p) ? 1 : 0;
+#else
+    (void)head_dim;
+    (void)dtype;
+    return 0;
+#endif
+}
 
 }  // extern "C"

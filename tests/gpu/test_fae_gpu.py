@@ -190,10 +190,11 @@ def test_op_masks(head_mean):
     assert (o[0] == 0).all() and (h[0] == 0).all() and (h[1] == 0).all()
 
 
-@pytest.mark.parametrize("variant", [1, 2, 3, 4])
+@pytest.mark.parametrize("variant", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("nq,nk,kl", [(4096, 10521, None), (200, 333, (0, 1, 64, 200, 333))])
 def test_kernel_tile_variants(variant, nq, nk, kl):
-    """The benchmarked tile variants (bf16, d=128) compute the same function."""
+    """The benchmarked mma.sync tile variants (bf16, d=128; 7: the sm_80 default tiles) compute the same
+    function."""
     B = 2 if kl is None else len(kl)
     q, k, v = inputs(B, 16, nq, nk, 128, torch.bfloat16)
     klt = None if kl is None else torch.tensor(kl, dtype=torch.int32, device="cuda")
@@ -201,4 +202,47 @@ def test_kernel_tile_variants(variant, nq, nk, kl):
     o_err = rel(o, sdpa_f32(q, k, v, 0.0884, klt))
     h_err = (h.double() - entropy_f64(q, k, 0.0884, klt)).abs().max().item()
     _record(f"kernel_variant{variant}_{nq}x{nk}", o_rel=o_err, h_maxabs=h_err)
+    assert o_err <= 1e-2 and h_err <= 1e-2, (o_err, h_err)
+
+
+def _is_hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _is_hopper(), reason="needs a compute 9.0 GPU")
+@pytest.mark.parametrize("variant", [5, 6, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nq,nk,kl", [(4096, 10521, None), (200, 333, (0, 1, 64, 200, 333)),
+                                      (300, 1000, (128, 129, 255, 1000))])
+def test_kernel_hopper(variant, dtype, nq, nk, kl):
+    """The sm_90a kernel (TMA + wgmma; 5: 2 stages, 6: 3 stages, 8: 3 stages + ping-pong) explicitly, incl.
+    key-length masks at 128-key tile edges with NaN in the padded K/V rows, fp16, and that the default
+    route (variant 0) on this GPU gives the same bits (the mma.sync kernel sums in another order)."""
+    B = 2 if kl is None else len(kl)
+    q, k, v = inputs(B, 16, nq, nk, 128, dtype)
+    klt = None if kl is None else torch.tensor(kl, dtype=torch.int32, device="cuda")
+    kp, vp = k, v
+    if kl is not None:  # padding past each key length holds NaN: it must not reach O or H
+        pad = (torch.arange(nk, device="cuda")[None] >= klt[:, None]).view(B, 1, nk, 1)
+        kp, vp = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("nan"))
+    o, h = run_kernel(q, kp, vp, 0.0884, klt, variant=variant)
+    o_err = rel(o, sdpa_f32(q, k, v, 0.0884, klt))
+    h_err = (h.double() - entropy_f64(q, k, 0.0884, klt)).abs().max().item()
+    _record(f"kernel_hopper{variant}_{dtype}_{nq}x{nk}_{kl is not None}", o_rel=o_err, h_maxabs=h_err)
+    assert o_err <= 1e-2 and h_err <= 1e-2, (o_err, h_err)
+    if kl is not None and kl[0] == 0:
+        assert (o[0] == 0).all() and (h[0] == 0).all() and (h[1] == 0).all()
+    o0, h0 = run_kernel(q, kp, vp, 0.0884, klt, variant=0)
+    assert torch.equal(o0, o) and torch.equal(h0, h), "variant 0 on compute 9.0 should be the Hopper kernel"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _is_hopper(), reason="needs a compute 9.0 GPU")
+@pytest.mark.parametrize("scale", [10.0, 100.0])
+def test_kernel_hopper_cosine_head_mean(scale):
+    """Cosine attention (large scores) with the head mean, through the Hopper kernel."""
+    q, k, v = inputs(2, 16, 256, 1700, 128, torch.bfloat16, cosine=True)
+    o, h = run_kernel(q, k, v, scale, head_mean=True, variant=8)
+    o_err = rel(o, sdpa_f32(q, k, v, scale))
+    h_err = (h.double() - entropy_f64(q, k, scale).mean(dim=1)).abs().max().item()
+    _record(f"kernel_hopper_cosine_mean_{scale}", o_rel=o_err, h_maxabs=h_err)
     assert o_err <= 1e-2 and h_err <= 1e-2, (o_err, h_err)

@@ -61,6 +61,28 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return out
 
 
+def flash_attn_varlen_kvpacked_native(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      dropout_p=0.0, softmax_scale=None, causal=False, **_unused):
+    """The same contract as ``flash_attn_varlen_kvpacked_func``, for benchmarking on CUDA (not for the oracle):
+    SDPA in q's dtype (bf16 -> PyTorch's fused SDPA kernels), no float32 upcast, and no host sync. Every q
+    sequence has the same length (``Infinity``'s cross-attention: Lq = N / B); the kv sequences are gathered
+    into a (B, max_seqlen_k) padded batch with a key mask built on the device from ``cu_seqlens_k``."""
+    if dropout_p or causal:
+        raise NotImplementedError("shim: dropout/causal are not used by Infinity")
+    B = cu_seqlens_k.shape[0] - 1
+    H, d = q.shape[1], q.shape[2]
+    Lq = q.shape[0] // B
+    pos = torch.arange(max_seqlen_k, device=kv.device)
+    starts, lens = cu_seqlens_k[:-1].long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    idx = (starts[:, None] + pos[None]).clamp_max(kv.shape[0] - 1)             # (B, Lk)
+    kvp = kv[idx]                                                              # (B, Lk, 2, H, d)
+    mask = (pos[None] < lens[:, None])[:, None, None, :]                        # (B, 1, 1, Lk)
+    qb = q.reshape(B, Lq, H, d).transpose(1, 2)
+    k, v = kvp[:, :, 0].transpose(1, 2), kvp[:, :, 1].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=softmax_scale)
+    return out.transpose(1, 2).reshape(B * Lq, H, v.shape[-1])
+
+
 # --------------------------------------------------------------------------- timm
 def register_model(fn):
     """timm.models.register_model: only registers a factory; here a no-op decorator."""
@@ -123,10 +145,11 @@ def _module(name: str, package: bool = False, **attrs) -> types.ModuleType:
     return m
 
 
-def _shim_modules() -> dict[str, types.ModuleType]:
+def _shim_modules(native_kernels: bool = False, shim_fused_op: bool = True) -> dict[str, types.ModuleType]:
+    varlen = flash_attn_varlen_kvpacked_native if native_kernels else flash_attn_varlen_kvpacked_func
     mods = {
         "flash_attn": _module("flash_attn", flash_attn_func=flash_attn_func,
-                              flash_attn_varlen_kvpacked_func=flash_attn_varlen_kvpacked_func),
+                              flash_attn_varlen_kvpacked_func=varlen),
         "timm": _module("timm", package=True),
         "timm.models": _module("timm.models", package=True, register_model=register_model),
         "timm.models.layers": _module("timm.models.layers", DropPath=DropPath, drop_path=drop_path),
@@ -135,6 +158,8 @@ def _shim_modules() -> dict[str, types.ModuleType]:
                                             fused_ada_layer_norm=fused_ada_layer_norm,
                                             fused_ada_rms_norm=fused_ada_rms_norm),
     }
+    if not shim_fused_op:
+        del mods["infinity.models.fused_op"]  # the official torch.compile-d norms (needs a working compiler)
     mods["timm"].models, mods["timm"].loss = mods["timm.models"], mods["timm.loss"]
     mods["timm.models"].layers = mods["timm.models.layers"]
     try:
@@ -144,14 +169,17 @@ def _shim_modules() -> dict[str, types.ModuleType]:
     return mods
 
 
-def import_official_infinity(repo: str | Path) -> types.SimpleNamespace:
+def import_official_infinity(repo: str | Path, native_kernels: bool = False,
+                             shim_fused_op: bool = True) -> types.SimpleNamespace:
     """Import the official ``infinity.models.{infinity,basic}`` from the checkout at ``repo`` with the shims.
 
     The shims are in ``sys.modules`` only while importing (the official modules keep references to them);
     the official ``infinity.*`` modules stay imported. Returns a namespace with ``infinity`` and ``basic``.
+    ``native_kernels`` (benchmarks): cross-attention through ``flash_attn_varlen_kvpacked_native`` instead of
+    the float32 oracle kernel; ``shim_fused_op=False``: keep the official ``fused_op`` (torch.compile-d).
     """
     repo = str(Path(repo).resolve())
-    shims = _shim_modules()
+    shims = _shim_modules(native_kernels, shim_fused_op)
     saved = {name: sys.modules.get(name) for name in shims}
     sys.path.insert(0, repo)
     try:

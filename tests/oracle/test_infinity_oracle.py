@@ -126,8 +126,9 @@ def our_config(name: str):
     return get_config("tiny").replace(name=f"oracle-{name}", **CONFIGS[name])
 
 
-def build_official(ns, cfg, vae: StandInVAE, seed: int) -> nn.Module:
-    """Official model at ``cfg``'s size with load_transformer's settings, every parameter randomised."""
+def build_official(ns, cfg, vae: StandInVAE, seed: int, pn: str = "0.06M") -> nn.Module:
+    """Official model at ``cfg``'s size with load_transformer's settings, every parameter randomised
+    (float32, on the CPU; ``pn`` is the official resolution key, e.g. "1M" for benchmarks)."""
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()):
         m = ns.infinity.Infinity(
@@ -135,7 +136,7 @@ def build_official(ns, cfg, vae: StandInVAE, seed: int) -> nn.Module:
             shared_aln=True, raw_scale_schedule=None, checkpointing="full-block",
             customized_flash_attn=False, fused_norm=True, pad_to_multiplier=128, use_flex_attn=False,
             add_lvl_embeding_only_first_block=1, use_bit_label=1, rope2d_each_sa_layer=1,
-            rope2d_normalized_by_hw=2, pn="0.06M", apply_spatial_patchify=int(cfg.spatial_patchify),
+            rope2d_normalized_by_hw=2, pn=pn, apply_spatial_patchify=int(cfg.spatial_patchify),
             inference_mode=True,
             train_h_div_w_list=[1.0],
             # the official 2B factory's kwargs, at the tiny size

@@ -2,10 +2,20 @@
 
 The orchestrator asks the policy, causally, before each scale and each layer what to run, and tells it
 the entropies it computed. The base class runs everything (no pruning) and asks for no entropy.
+
+Per scale ``si`` the orchestrator calls ``run_scale(si)`` (False stops generation), ``use_cfg(si)``,
+then for every layer: ``block_runner(si, layer)``; if that is None (the default), ``keep(si, layer, n)``
+chooses the tokens, the block runs on them (with entropy when ``wants_entropy``), pruned tokens pass
+unchanged, only the kept tokens' k/v enter that layer's KV cache, and ``observe`` receives the
+entropy. A policy that needs more than one token set per block (FastVAR re-chooses before each
+sub-layer, and per batch row) returns a ``BlockRunner`` instead, which runs the whole layer itself.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -21,16 +31,69 @@ class GenerationInfo:
 
 @dataclass
 class PolicyTrace:
-    """Per scale, per layer: tokens run (k) and tokens at the scale (n); filled by the orchestrator."""
+    """Per scale, per layer: tokens run (k) and tokens at the scale (n); filled by the orchestrator.
+
+    kept[si][layer] = tokens the layer ran on (0 = skipped); a scale that did not run is absent.
+    batch: prompts B; cfg: whether generation started with the CFG batch (2B rows); text_len: the padded
+    text length L the cross-attention ran over (FLOP counting, ``toprovar.policy.flops``).
+    """
     kept: dict[int, list[int]] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     cfg_batch: dict[int, bool] = field(default_factory=dict)
+    schedule: list[tuple[int, int]] = field(default_factory=list)
+    batch: int = 1
+    cfg: bool = False
+    text_len: int = 0
+
+
+class BlockRunner(Protocol):
+    """Runs one layer in place of the default gather/block/scatter step.
+
+    Called as ``runner(backend, layer, x, ada, ca_kv, ca_lengths, rope, past_k, past_v)`` with the
+    orchestrator's tensors (x (B', n, C) float32, rope (2, n, hd/2), past_k/v (B', H, P, hd)); returns
+    (x_out (B', n, C) float32, k, v (B', H, m, hd)): the m keys/values to append to the layer's cache.
+    """
+
+    def __call__(self, backend: Any, layer: int, x: torch.Tensor, ada: torch.Tensor, ca_kv: torch.Tensor,
+                 ca_lengths: torch.Tensor, rope: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+CALIBRATION_FORMAT = "toprovar-calibration/1"
+
+
+def read_calibration(path: str | Path) -> dict:
+    """Load and check a calibration JSON (``toprovar calibrate``); one clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--calibration: {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--calibration: {path}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"--calibration: {path}: expected format {CALIBRATION_FORMAT!r}, got {got!r}")
+    if not isinstance(data.get("policy"), dict):
+        raise ValueError(f"--calibration: {path}: no 'policy' object")
+    return data
 
 
 class Policy:
     """No pruning: every scale, layer and token runs; no entropy is computed."""
 
     name = "none"
+
+    @classmethod
+    def from_calibration(cls, path: str | Path) -> "Policy":
+        """Build from a calibration JSON. Policies without calibrated parameters check the file and
+        ignore it (so one --calibration works for every --policy)."""
+        read_calibration(path)
+        return cls()
+
+    def params(self) -> dict:
+        """JSON-ready parameters (recorded in reports and the export manifest)."""
+        return {"name": self.name}
 
     def start(self, info: GenerationInfo) -> None:
         self.info = info
@@ -42,6 +105,10 @@ class Policy:
     def use_cfg(self, si: int) -> bool:
         """False runs scale ``si`` (and all later ones) on the conditional branch only."""
         return True
+
+    def block_runner(self, si: int, layer: int) -> BlockRunner | None:
+        """A runner that executes (si, layer) itself, or None for the default keep/observe path."""
+        return None
 
     def wants_entropy(self, si: int, layer: int) -> bool:
         """Whether the block at (si, layer) should also return its self-attention entropy."""

@@ -37,8 +37,8 @@ def _num(owner: str, name: str, v: Any, lo: float, hi: float, lo_open: bool = Fa
          lo_name: str | None = None) -> None:
     ok = _is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-        left = ("(" if lo_open else "[") + (f"{lo_name}={lo}" if lo_name else f"{lo}")
-        right = ("inf)" if hi == math.inf else (f"{hi})" if hi_open else f"{hi}]"))
+        left = ("(" if lo_open else "[") + (f"{lo_name}={lo:g}" if lo_name else f"{lo:g}")
+        right = ("inf)" if hi == math.inf else (f"{hi:g})" if hi_open else f"{hi:g}]"))
         _fail(owner, name, f"a number in {left}, {right}", v)
 
 
@@ -110,8 +110,18 @@ class ToProVARConfig(_ConfigBase):
     full_layers: layers that always run on all tokens (must include layer 0).
     rho_layers: layers whose head-mean entropy gives rho_s (a non-empty subset of ``full_layers``).
     detail_threshold: R_l at or above which a layer counts as a Detail layer ("scale-layer" stage).
-    svd_center: subtract the map's mean before the SVD (off = the paper's literal sigma1/sigma2 of the
-      raw map; on makes R insensitive to the positive entropy offset that otherwise dominates sigma1).
+    svd_center: subtract the map's mean before the SVD (default on). Off is the paper's literal
+      sigma1/sigma2 of the raw map; but entropies are all positive with a large common offset (about
+      ln of the keys seen), so the raw map's sigma1 is that offset and sigma1/sigma2 is in the hundreds
+      to thousands for every layer (measured on the tiny model), R ~ 0 everywhere and online token
+      pruning vanishes. Centred, sigma1/sigma2 measures the structure the paper describes (a dominant
+      grid-like component = Global, ~1 = Detail). Static calibrated scores with ``--beta auto`` work
+      with either setting.
+    fixed_depth: pin D to this 0-based scale index instead of measuring rho_s against tau (a pinned
+      operating point: benchmarks, deployments calibrated offline); None = measured (default).
+    keep_fraction: pin the kept count of a prunable layer to n (1 - R_l (1 - keep_fraction)) (bucketed,
+      at least the k_min floor) instead of round(sum P_keep); the kept tokens are still the top ones by
+      P_keep. Known on the host, so no device read per layer; None = from P_keep (default).
     """
     stage: str = "full"
     tau: float = 0.4
@@ -128,7 +138,9 @@ class ToProVARConfig(_ConfigBase):
     full_layers: tuple[int, ...] = (0,)
     rho_layers: tuple[int, ...] = (0,)
     detail_threshold: float = 0.5
-    svd_center: bool = False
+    svd_center: bool = True
+    fixed_depth: int | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         o = type(self).__name__
@@ -166,6 +178,10 @@ class ToProVARConfig(_ConfigBase):
         object.__setattr__(self, "rho_layers", rho)
         _num(o, "detail_threshold", self.detail_threshold, 0.0, 1.0)
         _bool(o, "svd_center", self.svd_center)
+        if self.fixed_depth is not None and (not _is_int(self.fixed_depth) or self.fixed_depth < 0):
+            _fail(o, "fixed_depth", "a non-negative scale index or null", self.fixed_depth)
+        if self.keep_fraction is not None:
+            _num(o, "keep_fraction", self.keep_fraction, 0.0, 1.0, lo_open=True)
 
     def rep_index(self, num_scales: int) -> int:
         """The representative scale's 0-based index for a schedule of ``num_scales`` scales."""
@@ -184,6 +200,8 @@ class ToProVARConfig(_ConfigBase):
         if self.layer_scores is not None and len(self.layer_scores) != depth:
             _fail(o, "layer_scores", f"{depth} values (one per layer; this calibration is for another model)",
                   f"{len(self.layer_scores)} values")
+        if self.fixed_depth is not None and self.fixed_depth >= num_scales:
+            _fail(o, "fixed_depth", f"a scale index < {num_scales} (the schedule's length)", self.fixed_depth)
         self.rep_index(num_scales)
 
 

@@ -32,7 +32,7 @@ def principal_ratio(entropy_map: torch.Tensor, center: bool = False) -> float:
     A map with fewer than two singular values or sigma2 == 0 (rank 1) gives +inf. ``center``
     subtracts the map's mean first.
     """
-    m = entropy_map.double()
+    m = entropy_map.detach().double().cpu()  # a small matrix: the CPU SVD avoids a GPU solver start-up
     if m.dim() != 2:
         raise ValueError(f"entropy map: expected (h, w), got {tuple(m.shape)}")
     if center:

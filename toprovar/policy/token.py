@@ -13,7 +13,10 @@ has mean 1 at every scale, so a_min / a_max mean the same at every N, and a toke
 the last scale of a Detail layer (phi R = 1) is pruned with probability a_max.
 
 The module uses only exportable tensor ops (no Python control flow on values): ``k`` is computed in
-float32 and cast; sorting is a stable descending sort (ONNX TopK's tie rule: lower index first).
+float32 and cast; ``order`` puts equal P_keep in ascending index order. While exporting, ``order`` is an
+exact rank computation (``descending_order``: the same on ONNX Runtime and TensorRT, whose TopK tie
+order is unspecified); in eager PyTorch it is the equal stable sort (the only branch, on export mode,
+never on values).
 """
 from __future__ import annotations
 
@@ -41,8 +44,25 @@ class TokenKeepPiece(nn.Module):
         k_lo = torch.clamp(torch.ceil(self.k_min * n - 1e-3), min=1.0)
         k = torch.maximum(torch.round(p_keep.sum()).reshape(1), k_lo)
         k = torch.minimum(torch.ceil(k / self.bucket) * self.bucket, n.reshape(1))
-        order = torch.sort(p_keep, descending=True, stable=True).indices
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            order = descending_order(p_keep)
+        else:  # eager: the same permutation (tested), O(n log n)
+            order = torch.sort(p_keep, descending=True, stable=True).indices
         return p_keep, k.to(torch.int64), order
 
 
-__all__ = ["TokenKeepPiece"]
+def descending_order(p: torch.Tensor) -> torch.Tensor:
+    """Indices of ``p`` (n,) by descending value, equal values by ascending index, as exportable ops
+    (what an exported TokenKeepPiece computes; eager PyTorch uses the equal stable sort).
+
+    rank_i = #{j : p_j > p_i} + #{j < i : p_j == p_i} (a permutation), then order[rank_i] = i. This is
+    O(n^2) compares (n <= 4107 tokens per scale: 17M booleans) but exact and the same on every backend,
+    unlike TopK/sort whose tie order is not specified by TensorRT (ties are common: P_keep clips at 0).
+    """
+    idx = torch.ones_like(p, dtype=torch.int64).cumsum(0) - 1
+    before = (p.unsqueeze(0) > p.unsqueeze(1)) | ((p.unsqueeze(0) == p.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1)))
+    rank = before.to(torch.int64).sum(dim=1)
+    return torch.zeros_like(idx).scatter(0, rank, idx)
+
+
+__all__ = ["TokenKeepPiece", "descending_order"]

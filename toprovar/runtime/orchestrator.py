@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..policy.base import GenerationInfo, Policy, PolicyTrace
+from .buffers import OutOfMemoryAtScale, Workspace, is_oom, oom_error, tensor_bytes
 
 
 class Backend(Protocol):
@@ -30,6 +31,9 @@ class Backend(Protocol):
     def next_input(self, si: int, bits, summed) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def decode(self, summed: torch.Tensor) -> torch.Tensor: ...
     def synchronize(self) -> None: ...
+    # Optional: ``owns_outputs`` (bool: outputs live in the backend's buffers until its next call; the
+    # orchestrator copies them out), ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per
+    # generation), ``begin_scale(si)`` (e.g. select the TensorRT optimization profile of the scale).
 
 
 @dataclass
@@ -51,6 +55,7 @@ class GenerationResult:
     bits: list[torch.Tensor]
     trace: PolicyTrace
     scale_ms: list[float] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)  # with profile: "condition", "decode"
 
 
 def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -74,73 +79,208 @@ class Orchestrator:
     def __init__(self, backend: Backend, spec: ModelSpec, schedule: list[tuple[int, int]],
                  ropes: list[torch.Tensor]):
         self.backend, self.spec, self.schedule = backend, spec, schedule
-        self.ropes = [r.to(backend.device) for r in ropes]
+        self.ropes = [r.to(backend.device).contiguous() for r in ropes]
+        self.ws = Workspace(backend.device)  # KV caches, residual stream, gathers: reused across calls
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int,
                  cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 1.0, top_p: float = 0.97,
                  policy: Policy | None = None, profile: bool = False, progress: bool = True,
                  ) -> GenerationResult:
-        """text (B, L, C_text) float32, lengths (B,) int32 -> GenerationResult."""
+        """text (B, L, C_text) float32, lengths (B,) int32 -> GenerationResult.
+
+        Buffers (KV caches for the whole schedule, the residual stream, gathered kept tokens) live in
+        ``self.ws`` and are reused across scales and calls. A backend whose outputs live in its own
+        buffers (``owns_outputs``: ONNX Runtime, TensorRT) has them copied out before its next call. No
+        device-to-host read happens here: a pruning policy reads its kept count itself (one small read per
+        pruned layer), unpruned layers read nothing.
+        """
         be, sp, S = self.backend, self.spec, len(self.schedule)
         dev = be.device
+        owns = getattr(be, "owns_outputs", False)
         policy = policy or Policy()
         cfgs, taus = per_scale(cfg, S, "cfg"), per_scale(tau, S, "tau")
         B = text.shape[0]
         use_cfg = any(c != 1.0 for c in cfgs)
-        cond, ada, ca_kv, ca_len, x = be.condition(text.to(dev), lengths.to(dev), use_cfg)
-        Bp = x.shape[0]
+        timer = _Timer(dev, profile)
+        if hasattr(be, "prepare"):
+            with _oom_guard(f"preparing the backend's buffers for {S} scales (batch {B})", dev):
+                be.prepare(self.schedule, B, use_cfg, text.shape[1])
+        timer.start("condition")
+        with _oom_guard("in text conditioning", dev):
+            cond, ada, ca_kv, ca_len, x0 = be.condition(text.to(dev), lengths.to(dev), use_cfg)
+        timer.stop("condition")
+        Bp = x0.shape[0]
         total = sum(h * w for h, w in self.schedule)
+        n_max = max(h * w for h, w in self.schedule)
         shape = (Bp, sp.num_heads, total, sp.head_dim)
-        cache_k = [torch.empty(shape, dtype=be.dtype, device=dev) for _ in range(sp.depth)]
-        cache_v = [torch.empty(shape, dtype=be.dtype, device=dev) for _ in range(sp.depth)]
-        cache_len = [0] * sp.depth
         fh, fw = self.schedule[-1]
         f = 2 if sp.spatial_patchify else 1
-        summed = torch.zeros(B, sp.codebook_dim, fh * f, fw * f, device=dev)
+        need = 2 * sp.depth * tensor_bytes(shape, be.dtype)
+        try:
+            cache_k = [self.ws.view(f"cache_k{i}", shape, be.dtype) for i in range(sp.depth)]
+            cache_v = [self.ws.view(f"cache_v{i}", shape, be.dtype) for i in range(sp.depth)]
+            for name, numel in (("x", Bp * n_max * sp.width), ("xin", Bp * n_max * sp.width),
+                                ("rope_in", n_max * sp.head_dim)):
+                self.ws.reserve(name, numel, torch.float32)
+            summed = self.ws.view("summed", (B, sp.codebook_dim, fh * f, fw * f), torch.float32).zero_()
+        except Exception as exc:
+            if is_oom(exc):
+                raise oom_error(f"preallocating the KV cache for {S} scales ({total} tokens, batch {Bp})", exc, dev,
+                                need) from None
+            raise
+        cache_len = [0] * sp.depth
         gen = torch.Generator().manual_seed(seed)
-        trace, bits_out, scale_ms = PolicyTrace(), [], []
+        trace, bits_out = PolicyTrace(schedule=list(self.schedule), batch=B, cfg=Bp > B,
+                                      text_len=int(ca_kv.shape[1])), []
+        bits_all = torch.empty(B, total, sp.token_bits, device=dev)
         policy.start(GenerationInfo(self.schedule, sp.depth, B, dev))
         scalar = lambda v: torch.tensor([v], dtype=torch.float32, device=dev)  # noqa: E731
         top_p_t = scalar(top_p)
+        x = self.ws.view("x", x0.shape, torch.float32)
+        x.copy_(x0)
+        off = 0
         bar = tqdm(range(S), desc=f"scales [{be.name}]", disable=not progress, leave=False)
         for si in bar:
             if not policy.run_scale(si):
                 break
-            t0 = time.perf_counter()
+            timer.start(si)
             h, w = self.schedule[si]
             n = h * w
-            if Bp > B and not (use_cfg and policy.use_cfg(si)):
-                Bp, x, cond, ada, ca_kv, ca_len = B, x[:B], cond[:B], ada[:B], ca_kv[:B], ca_len[:B]
-            rope = self.ropes[si]
-            trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
-            for layer in range(sp.depth):
-                idx = policy.keep(si, layer, n)
-                if idx is not None and idx.numel() == 0:
-                    trace.kept[si].append(0)
-                    continue
-                xin = x if idx is None else x.index_select(1, idx)
-                rin = rope if idx is None else rope.index_select(1, idx)
-                P = cache_len[layer]
-                want = policy.wants_entropy(si, layer)
-                xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
-                                         cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
-                m = k.shape[2]
-                cache_k[layer][:Bp, :, P:P + m] = k
-                cache_v[layer][:Bp, :, P:P + m] = v
-                cache_len[layer] = P + m
-                x = xo if idx is None else x.index_copy(1, idx, xo)
-                trace.kept[si].append(m)
-                if want:
-                    policy.observe(si, layer, ent[:B], idx)
-            uniform = uniform_noise(gen, B, n, sp.token_bits, dev)
-            bits = be.head(si, x, cond, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
-            bits_out.append(bits)
-            summed, x_next = be.next_input(si, bits, summed)
-            if x_next is not None:
-                x = torch.cat([x_next] * (Bp // B), dim=0)
-            if profile:
-                be.synchronize()
-                scale_ms.append((time.perf_counter() - t0) * 1e3)
-        images = be.decode(summed)
-        return GenerationResult(images, bits_out, trace, scale_ms)
+            try:
+                if hasattr(be, "begin_scale"):
+                    be.begin_scale(si)
+                if Bp > B and not (use_cfg and policy.use_cfg(si)):
+                    Bp, x, cond, ada, ca_kv, ca_len = B, x[:B], cond[:B], ada[:B], ca_kv[:B], ca_len[:B]
+                rope = self.ropes[si]
+                trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
+                for layer in range(sp.depth):
+                    runner = policy.block_runner(si, layer)
+                    if runner is not None:  # the policy runs this layer itself (FastVAR's sub-layer pruning)
+                        P = cache_len[layer]
+                        xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope,
+                                          cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P])
+                        m = k.shape[2]
+                        cache_k[layer][:Bp, :, P:P + m] = k
+                        cache_v[layer][:Bp, :, P:P + m] = v
+                        cache_len[layer] = P + m
+                        if owns:
+                            x.copy_(xo)
+                        else:
+                            x = xo
+                        trace.kept[si].append(m)
+                        continue
+                    idx = policy.keep(si, layer, n)
+                    if idx is not None and idx.numel() == 0:
+                        trace.kept[si].append(0)
+                        continue
+                    if idx is None:
+                        xin, rin = x, rope
+                    else:
+                        idx = idx.to(dev)
+                        k_n = idx.numel()
+                        xin = torch.index_select(x, 1, idx, out=self.ws.view("xin", (Bp, k_n, sp.width), x.dtype))
+                        rin = torch.index_select(rope, 1, idx,
+                                                 out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
+                    P = cache_len[layer]
+                    want = policy.wants_entropy(si, layer)
+                    xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
+                                             cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
+                    m = k.shape[2]
+                    cache_k[layer][:Bp, :, P:P + m] = k
+                    cache_v[layer][:Bp, :, P:P + m] = v
+                    cache_len[layer] = P + m
+                    if idx is not None:
+                        x.index_copy_(1, idx, xo)
+                    elif owns:
+                        x.copy_(xo)
+                    else:
+                        x = xo
+                    trace.kept[si].append(m)
+                    if want:
+                        policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
+                uniform = uniform_noise(gen, B, n, sp.token_bits, dev)
+                bits = be.head(si, x, cond, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                dst = bits_all[:, off:off + n]
+                dst.copy_(bits)
+                bits_out.append(dst)
+                off += n
+                summed_new, x_next = be.next_input(si, bits, summed)
+                if owns:
+                    summed.copy_(summed_new)
+                else:
+                    summed = summed_new
+                if x_next is not None:
+                    h2, w2 = self.schedule[si + 1]
+                    x = self.ws.view("x", (Bp, h2 * w2, sp.width), torch.float32)
+                    x.view(Bp // B, B, h2 * w2, sp.width).copy_(x_next.unsqueeze(0).expand(Bp // B, -1, -1, -1))
+            except Exception as exc:
+                if is_oom(exc):
+                    raise oom_error(f"at scale {si} ({h}x{w}, {n} tokens, batch {Bp})", exc, dev) from None
+                raise
+            timer.stop(si)
+        timer.start("decode")
+        with _oom_guard("in the VAE decoder", dev):
+            images = be.decode(summed)
+            if owns:
+                images = images.clone()
+        timer.stop("decode")
+        if profile:
+            be.synchronize()
+        scale_ms = [timer.ms(si) for si in range(len(bits_out))] if profile else []
+        stage_ms = {k: timer.ms(k) for k in ("condition", "decode")} if profile else {}
+        return GenerationResult(images, bits_out, trace, scale_ms, stage_ms)
+
+    def release(self) -> None:
+        """Free the preallocated buffers (they are otherwise kept for the next call)."""
+        self.ws.clear()
+
+
+class _oom_guard:
+    """Turns an allocation failure inside the block into a one-line OutOfMemoryAtScale naming ``where``."""
+
+    def __init__(self, where: str, device: torch.device):
+        self.where, self.device = where, device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is not None and not isinstance(exc, OutOfMemoryAtScale) and is_oom(exc):
+            raise oom_error(self.where, exc, self.device) from None
+        return False
+
+
+class _Timer:
+    """Per-stage timing: CUDA events on a CUDA device (no synchronisation until the end), else wall clock
+    after a synchronisation. Inactive unless ``enabled``."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled, self.cuda = enabled, device.type == "cuda"
+        self._t: dict = {}
+
+    def start(self, key) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._t[key] = [ev, None]
+        else:
+            self._t[key] = [time.perf_counter(), None]
+
+    def stop(self, key) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._t[key][1] = ev
+        else:
+            self._t[key][1] = time.perf_counter()
+
+    def ms(self, key) -> float:
+        a, b = self._t.get(key, (None, None))
+        if a is None or b is None:
+            return float("nan")
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3

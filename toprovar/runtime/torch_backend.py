@@ -59,7 +59,9 @@ class TorchBackend:
         hit = self._graphs.get(key)
         if hit is None:
             if len(self._graphs) >= self._max_graphs:
+                torch.cuda.synchronize(self.device)
                 self._graphs.clear()
+                self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one is released whole
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):

@@ -1,0 +1,289 @@
+"""The export manifest (``OUT/manifest.json``, format ``toprovar-export/1``): schema, write, load, verify.
+
+Shared by ``toprovar-export`` (writes it) and the runtime backends (read it). The layout and the keys are
+documented in ``docs/export-format.md``. Every error is one ``ManifestError`` with a single-line message
+that names the file and says what to do.
+
+Runtime use::
+
+    from toprovar.export.manifest import load_manifest, verify, check_engine
+    m = load_manifest("OUT")                 # or OUT/manifest.json; validated against SCHEMA
+    verify(m)                                # sha256 + size of every piece file (and external data)
+    path = m.piece_path("block_00")          # absolute path of onnx/block_00.onnx
+    eng = check_engine(m, "block_00", trt.__version__, gpu_name())   # refuses stale engines
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+FORMAT = "toprovar-export/1"
+MANIFEST_NAME = "manifest.json"
+DTYPES = ["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
+
+
+class ManifestError(ValueError):
+    """A manifest or an exported file that cannot be used as it is (message: one line)."""
+
+
+# ------------------------------------------------------------------------------------------ schema
+_DIM = {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "minLength": 1}]}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "dtype"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "shape": {"type": "array", "items": _DIM},
+        "dtype": {"enum": DTYPES},
+    },
+}
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_FILE = {
+    "type": "object",
+    "required": ["file", "sha256", "bytes"],
+    "properties": {"file": {"type": "string", "minLength": 1}, "sha256": _SHA,
+                   "bytes": {"type": "integer", "minimum": 0}},
+}
+_SHAPE3 = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_PROFILE = {  # one optimization profile: {input name: {min, opt, max}}
+    "type": "object",
+    "additionalProperties": {
+        "type": "object", "required": ["min", "opt", "max"],
+        "properties": {"min": _SHAPE3, "opt": _SHAPE3, "max": _SHAPE3},
+        "additionalProperties": False,
+    },
+}
+_PIECE = {
+    "type": "object",
+    "required": ["file", "sha256", "bytes", "inputs", "outputs", "opset", "external_data"],
+    "properties": {
+        "file": {"type": "string", "minLength": 1},
+        "sha256": _SHA,
+        "bytes": {"type": "integer", "minimum": 1},
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "outputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "opset": {"type": "integer", "minimum": 7},
+        "external_data": {"type": "array", "items": _FILE},
+        "profiles": {"type": "array", "items": _PROFILE},
+        "scale": {"type": ["integer", "null"]},
+        "layer": {"type": ["integer", "null"]},
+        "module": {"type": "string"},
+        "custom_ops": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_ENGINE = {
+    "type": "object",
+    "required": ["file", "sha256", "tensorrt", "gpu", "onnx_sha256"],
+    "properties": {
+        "file": {"type": "string", "minLength": 1},
+        "sha256": _SHA,
+        "bytes": {"type": "integer", "minimum": 1},
+        "tensorrt": {"type": "string", "minLength": 1},
+        "gpu": {"type": "string", "minLength": 1},
+        "onnx_sha256": _SHA,
+        "profiles": {"type": "integer", "minimum": 1},
+        "plugins": {"type": "array", "items": {"type": "string"}},
+        "plugin_layers": {"type": "integer", "minimum": 0},
+    },
+}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://toprovar/schemas/export-manifest-1.json",
+    "title": "toprovar export manifest",
+    "type": "object",
+    "required": ["format", "model", "schedule", "preset", "h_div_w", "dtype", "policy", "pieces", "versions",
+                 "engines"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "model": {"type": "object", "required": ["name", "depth", "width", "num_heads", "text_channels",
+                                                 "codebook_dim", "spatial_patchify"]},
+        "schedule": {"type": "array", "minItems": 1,
+                     "items": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                               "minItems": 2, "maxItems": 2}},
+        "preset": {"type": "string"},
+        "h_div_w": {"type": "number", "exclusiveMinimum": 0},
+        "resolution": {"type": "integer", "minimum": 1},
+        "dtype": {"enum": ["float32", "float16", "bfloat16"]},
+        "policy": {"type": ["object", "null"]},
+        "text_encoder": {"type": ["object", "null"]},
+        "vae": {"type": ["object", "null"]},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "pieces": {"type": "object", "additionalProperties": _PIECE},
+        "versions": {"type": "object", "required": ["toprovar", "torch", "onnx", "onnxruntime", "tensorrt"],
+                     "properties": {k: {"type": ["string", "null"]}
+                                    for k in ("toprovar", "torch", "onnx", "onnxruntime", "tensorrt",
+                                              "onnxscript", "polygraphy", "python")}},
+        "exporter": {"type": "object"},
+        "engines": {"type": "object", "additionalProperties": _ENGINE},
+        "created": {"type": "string"},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------ model
+class Manifest(dict):
+    """The manifest as a plain dict (the JSON), plus ``root`` (the export directory) and path helpers."""
+
+    def __init__(self, data: dict, root: str | os.PathLike):
+        super().__init__(data)
+        self.root = Path(root)
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def piece(self, name: str) -> dict:
+        try:
+            return self["pieces"][name]
+        except KeyError:
+            raise ManifestError(f"{self.path}: no piece {name!r} (has: {_short(sorted(self['pieces']))})") from None
+
+    def piece_path(self, name: str) -> Path:
+        return self.root / self.piece(name)["file"]
+
+    def engine(self, name: str) -> dict:
+        try:
+            return self["engines"][name]
+        except KeyError:
+            raise ManifestError(f"{self.path}: no engine for piece {name!r}; build engines with "
+                                f"`toprovar-export --engines`") from None
+
+    def engine_path(self, name: str) -> Path:
+        return self.root / self.engine(name)["file"]
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# ------------------------------------------------------------------------------------------ hashing
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | os.PathLike, root: str | os.PathLike) -> dict:
+    """{file (relative to root, '/' separated), sha256, bytes} of an existing file."""
+    p = Path(path)
+    return {"file": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+def _check_file(root: Path, what: str, rel: str, sha: str, size: int | None) -> None:
+    p = root / rel
+    if not p.is_file():
+        raise ManifestError(f"{what}: file {p} is missing; re-run toprovar-export")
+    actual = p.stat().st_size
+    if size is not None and actual != size:
+        kind = "truncated" if actual < size else "larger than exported"
+        raise ManifestError(f"{what}: {p} is {kind} ({actual} bytes, manifest says {size}); re-run toprovar-export")
+    got = sha256_file(p)
+    if got != sha:
+        raise ManifestError(f"{what}: {p} sha256 mismatch (file {got[:12]}..., manifest {sha[:12]}...): "
+                            f"the file is corrupted or was replaced; re-run toprovar-export")
+
+
+# ------------------------------------------------------------------------------------------ validate / io
+def validate(data: dict, source: str = "manifest") -> None:
+    """Validate against SCHEMA (jsonschema when installed, else the required top-level keys)."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}; re-export with this "
+                            f"toprovar version")
+    try:
+        import jsonschema
+    except ImportError:
+        missing = [k for k in SCHEMA["required"] if k not in data]
+        if missing:
+            raise ManifestError(f"{source}: missing keys {missing}") from None
+        return
+    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data))
+    if err is not None:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        msg = err.message.splitlines()[0]
+        if len(msg) > 200:
+            msg = msg[:200] + "..."
+        raise ManifestError(f"{source}: schema violation at {where}: {msg}")
+
+
+def write_manifest(data: dict, out_dir: str | os.PathLike) -> Path:
+    """Validate and write ``out_dir/manifest.json`` atomically (temp name, then rename)."""
+    from ..model.checkpoint import atomic_write
+    out = Path(out_dir) / MANIFEST_NAME
+    validate(data, str(out))
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_manifest(path: str | os.PathLike, validate_schema: bool = True) -> Manifest:
+    """Read ``path`` (an export directory or its manifest.json) -> Manifest (schema-validated)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        raise ManifestError(f"{p}: manifest not found; run toprovar-export --out {p.parent}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if validate_schema:
+        validate(data, str(p))
+    return Manifest(data, p.parent)
+
+
+def verify(manifest: Manifest, names: Iterable[str] | None = None, engines: bool = False) -> None:
+    """Check size and sha256 of the pieces' files (all, or ``names``) and their external data.
+
+    engines=True also checks each listed engine's file hash and that it was built from the current
+    ONNX bytes of its piece. Raises ManifestError (one line) on the first problem.
+    """
+    root = manifest.root
+    for name in (manifest["pieces"] if names is None else names):
+        pc = manifest.piece(name)
+        _check_file(root, f"piece {name}", pc["file"], pc["sha256"], pc.get("bytes"))
+        for ext in pc.get("external_data", []):
+            _check_file(root, f"piece {name} (external data)", ext["file"], ext["sha256"], ext.get("bytes"))
+    if engines:
+        for name, eng in manifest["engines"].items():
+            if names is not None and name not in names:
+                continue
+            _check_engine_source(manifest, name, eng)
+            _check_file(root, f"engine {name}", eng["file"], eng["sha256"], eng.get("bytes"))
+
+
+def _check_engine_source(manifest: Manifest, name: str, eng: dict) -> None:
+    piece = manifest["pieces"].get(name)
+    if piece is None:
+        raise ManifestError(f"engine {name}: no ONNX piece {name!r} in {manifest.path}")
+    if eng["onnx_sha256"] != piece["sha256"]:
+        raise ManifestError(f"engine {name}: stale, built from other ONNX bytes (engine {eng['onnx_sha256'][:12]}..., "
+                            f"piece {piece['sha256'][:12]}...); rebuild with toprovar-export --engines")
+
+
+def check_engine(manifest: Manifest, name: str, tensorrt_version: str, gpu: str, hash_file: bool = True) -> Path:
+    """The engine file of piece ``name`` if it is usable here, else ManifestError (one line).
+
+    Refuses an engine built by another TensorRT version, for another GPU, or from other ONNX bytes.
+    """
+    eng = manifest.engine(name)
+    if eng["tensorrt"] != str(tensorrt_version):
+        raise ManifestError(f"engine {name}: built with TensorRT {eng['tensorrt']}, this is {tensorrt_version}; "
+                            f"rebuild with toprovar-export --engines")
+    if eng["gpu"] != gpu:
+        raise ManifestError(f"engine {name}: built for GPU {eng['gpu']!r}, this is {gpu!r}; "
+                            f"rebuild with toprovar-export --engines")
+    _check_engine_source(manifest, name, eng)
+    if hash_file:
+        _check_file(manifest.root, f"engine {name}", eng["file"], eng["sha256"], eng.get("bytes"))
+    return manifest.root / eng["file"]
+
+
+__all__ = ["FORMAT", "MANIFEST_NAME", "SCHEMA", "Manifest", "ManifestError", "check_engine", "file_entry",
+           "load_manifest", "sha256_file", "validate", "verify", "write_manifest"]

@@ -1,0 +1,197 @@
+"""The ToProVAR tri-dimensional policy (paper section 4) and its ablation stages (appendix A.1.5).
+
+Causal sources of every statistic (nothing is used before the orchestrator has computed it):
+
+* token entropy H_i: the head-mean self-attention entropy (FAE, ``wants_entropy``) that a block
+  returned for the CONDITIONAL half of the CFG batch (the orchestrator passes rows [:B]); with several
+  prompts the rows are averaged, so the batch shares one kept set, applied to both CFG halves.
+* rho_s: fraction of tokens of scale s below the scale's mean entropy, from the entropy of the
+  ``rho_layers`` (they always run on all tokens; averaged when several) at scale s, known as soon as
+  the last of them has run at scale s.
+* D: the first scale whose rho_s >= tau; set during scale D, so pruning starts with the first layer
+  after the rho layers at scale D; never set (no pruning at all) when rho never reaches tau.
+* R_l: exp(-beta (sigma1/sigma2 - 1)) of layer l's h x w entropy map at the representative scale.
+  Online: this prompt's map, known once layer l has run (in full) at that scale, so layer l is not
+  pruned at or before the representative scale. Static: calibrated values, known from the start.
+* decision input of layer l at scale s: the most recent entropy of each token: what layer l-1 (or
+  the last layer that ran and reported before it) returned at scale s for the tokens it ran; tokens it
+  did not run keep their older value; at the start of a scale the previous scale's values are
+  upsampled (bilinear) to the new grid. Pruned tokens pass through the layer unchanged.
+
+Stages: "scale" (run scales up to and including D, skip the rest), "scale-layer" (from D on, skip
+Detail layers R_l >= detail_threshold, run Global ones in full), "scale-token" (from D on, token
+pruning on all prunable layers with R_l = 1), "full" (token pruning with R_l; a layer whose kept
+count is at the minimum is skipped when ``layer_skip``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import GenerationInfo, Policy, read_calibration
+from .config import ToProVARConfig
+from .stats import layer_score, low_entropy_ratio, min_kept, principal_ratio, scale_factor, upsample_entropy
+from .token import TokenKeepPiece
+
+
+class ToProVARPolicy(Policy):
+    """ToProVAR (stage from ``config.stage``; the registry's subclasses fix it)."""
+
+    name = "toprovar"
+    stage = "full"
+
+    def __init__(self, config: ToProVARConfig | None = None, calibration: dict | None = None):
+        self.config = config if config is not None else ToProVARConfig(stage=self.stage)
+        self.calibration = calibration or {}
+        c = self.config
+        self.piece = TokenKeepPiece(c.a_min, c.a_max, c.k_min, c.bucket)
+
+    @classmethod
+    def from_calibration(cls, path: str | Path) -> "ToProVARPolicy":
+        """Parameters from a calibration JSON's ``policy`` object (stage from the class)."""
+        data = read_calibration(path)
+        params = dict(data["policy"])
+        params["stage"] = cls.stage
+        try:
+            cfg = ToProVARConfig.from_dict(params)
+        except ValueError as exc:
+            raise ValueError(f"--calibration: {path}: {exc}") from None
+        meta = {k: data.get(k) for k in ("model", "depth", "schedule")}
+        meta["path"] = str(path)
+        return cls(cfg, meta)
+
+    def params(self) -> dict:
+        return {"name": self.name, **self.config.to_dict(),
+                **({"calibration": self.calibration} if self.calibration else {})}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, info: GenerationInfo) -> None:
+        super().start(info)
+        c = self.config
+        S = len(info.schedule)
+        cal_depth = self.calibration.get("depth")
+        if cal_depth is not None and cal_depth != info.depth:
+            raise ValueError(f"--calibration: {self.calibration.get('path')}: made for a {cal_depth}-layer model "
+                             f"({self.calibration.get('model')}), this model has {info.depth} layers")
+        c.check_model(info.depth, S)
+        self.S, self.depth, self.schedule = S, info.depth, [tuple(s) for s in info.schedule]
+        self.rep = c.rep_index(S)
+        self.piece = self.piece.to(info.device)
+        self.full = frozenset(c.full_layers)
+        self.rho_set, self.last_rho = frozenset(c.rho_layers), max(c.rho_layers)
+        self.needs_R = c.stage in ("scale-layer", "full")
+        self.online = c.layer_score_mode == "online"
+        self.D: int | None = c.fixed_depth
+        self.rho: dict[int, float] = {}
+        self.mean_entropy: dict[int, float] = {}
+        self.R: list[float | None] = list(c.layer_scores) if not self.online else [None] * info.depth
+        self.ratio: list[float | None] = [None] * info.depth
+        self.ent: torch.Tensor | None = None  # (n,) most recent entropy per token of the current scale
+        self._si = -1
+        self._rho_buf: list[torch.Tensor] = []
+
+    def _scale(self, si: int) -> None:
+        """Enter scale ``si``: carry the previous scale's entropy over, upsampled to this grid."""
+        if si == self._si:
+            return
+        if self.ent is not None and si == self._si + 1 and self._si >= 0:
+            self.ent = upsample_entropy(self.ent, self.schedule[self._si], self.schedule[si])
+        else:
+            self.ent = None
+        self._si, self._rho_buf = si, []
+
+    # ------------------------------------------------------------------ decisions
+    def _token_active(self, si: int) -> bool:
+        if self.config.stage not in ("scale-token", "full") or self.D is None or si < self.D:
+            return False
+        return self.config.stage == "scale-token" or any(r is not None for r in self.R)
+
+    def _prunable(self, si: int, layer: int) -> bool:
+        if layer in self.full or self.D is None or si < self.D or self.config.stage == "scale":
+            return False
+        return not (self.needs_R and self.R[layer] is None)
+
+    def run_scale(self, si: int) -> bool:
+        return not (self.config.stage == "scale" and self.D is not None and si > self.D)
+
+    def wants_entropy(self, si: int, layer: int) -> bool:
+        self._scale(si)
+        if self.D is None and layer in self.rho_set:
+            return True
+        if self.needs_R and self.online and si == self.rep:
+            return True
+        return self._token_active(si) and layer < self.depth - 1
+
+    def keep(self, si: int, layer: int, n: int) -> torch.Tensor | None:
+        self._scale(si)
+        if not self._prunable(si, layer):
+            return None
+        c = self.config
+        if c.stage == "scale-layer":
+            return self._empty() if self.R[layer] >= c.detail_threshold else None
+        if self.ent is None or self.ent.numel() != n:
+            return None
+        r = 1.0 if c.stage == "scale-token" else self.R[layer]
+        phi_r = torch.tensor([scale_factor(si, self.S) * r], dtype=torch.float32, device=self.ent.device)
+        _, k_t, order = self.piece(self.ent, phi_r)
+        floor = min_kept(n, c.k_min, c.bucket)
+        if c.keep_fraction is None:
+            k = int(k_t.item())  # the one device read of a pruned layer
+        else:  # pinned operating point: the count is known on the host
+            want = n * (1.0 - r * (1.0 - c.keep_fraction))
+            k = min(n, max(floor, -(-round(want) // c.bucket) * c.bucket))
+        if c.stage == "full" and c.layer_skip and k <= floor < n:
+            return self._empty()
+        if k >= n:
+            return None
+        return order[:k].sort().values
+
+    def _empty(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64, device=self.info.device)
+
+    def observe(self, si: int, layer: int, entropy: torch.Tensor, kept: torch.Tensor | None) -> None:
+        self._scale(si)
+        e = entropy.float().mean(dim=0)  # conditional rows, averaged over prompts
+        if kept is None:
+            self.ent = e
+        elif self.ent is not None:
+            self.ent = self.ent.index_copy(0, kept.to(self.ent.device), e)
+        if kept is not None:
+            return
+        if self.D is None and layer in self.rho_set:
+            self._rho_buf.append(e)
+            if layer == self.last_rho:
+                h = torch.stack(self._rho_buf).mean(dim=0)
+                rho = float(low_entropy_ratio(h))
+                self.rho[si], self.mean_entropy[si] = rho, float(h.mean())
+                if rho >= self.config.tau:
+                    self.D = si
+        if self.needs_R and self.online and si == self.rep and self.R[layer] is None:
+            hh, ww = self.schedule[si]
+            ratio = principal_ratio(e.reshape(hh, ww), self.config.svd_center)
+            self.ratio[layer], self.R[layer] = ratio, layer_score(ratio, self.config.beta)
+
+    def report(self) -> dict:
+        """What this generation decided: D, rho/mean entropy per scale, R per layer."""
+        return {"stage": self.config.stage, "D": self.D, "rep_scale": self.rep,
+                "rho": dict(self.rho), "mean_entropy": dict(self.mean_entropy),
+                "layer_scores": list(self.R), "layer_ratio": list(self.ratio)}
+
+
+class ToProVARScale(ToProVARPolicy):
+    """Ablation: scale depth only (scales after D are not run)."""
+    name, stage = "toprovar-scale", "scale"
+
+
+class ToProVARScaleLayer(ToProVARPolicy):
+    """Ablation: scale depth + layer skipping of Detail layers."""
+    name, stage = "toprovar-scale-layer", "scale-layer"
+
+
+class ToProVARScaleToken(ToProVARPolicy):
+    """Ablation: scale depth + token pruning on every prunable layer (no layer scores)."""
+    name, stage = "toprovar-scale-token", "scale-token"
+
+
+__all__ = ["ToProVARPolicy", "ToProVARScale", "ToProVARScaleLayer", "ToProVARScaleToken"]

@@ -65,12 +65,13 @@ def oracle_helpers():
 
 def official_id(repo: Path) -> dict:
     """Commit of the checkout (if it is a git one) and hashes of the two model files that run."""
-    out = {"path": str(repo)}
-    try:
-        out["commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=20).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["commit"] = None
+    out = {"path": str(repo), "commit": None}
+    if (repo / ".git").exists():  # else git would answer for an enclosing repository (.carry/ is inside ours)
+        try:
+            out["commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                           text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     for f in ("infinity/models/infinity.py", "infinity/models/basic.py"):
         p = repo / f
         out[f"sha256:{f}"] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
@@ -155,7 +156,7 @@ def run_gpu(args, payload: dict) -> float:
     payload["fused_norm"] = "shim (eager, --shim-norms)" if args.shim_norms else "official fused_op (torch.compile)"
     torch.cuda.reset_peak_memory_stats()
     try:
-        timing = time_cuda(generate, warmup=1, runs=args.runs)
+        timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
     except Exception as e:  # noqa: BLE001
         if args.shim_norms:
             raise
@@ -163,7 +164,7 @@ def run_gpu(args, payload: dict) -> float:
         payload["fused_norm"] = f"shim (eager): the official torch.compile-d fused_op failed ({one_line(e)})"
         use_shim_norms(model, _shims)
         torch.cuda.synchronize()
-        timing = time_cuda(generate, warmup=1, runs=args.runs)
+        timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
     payload["timing"] = timing
     payload["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return timing["median_ms"]
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--official-repo", required=True, help="a FoundationVision/Infinity checkout")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed generations first (compiles the norms)")
     ap.add_argument("--out", default="official_anchor", help="bench/results/<out>.json and .md")
     ap.add_argument("--shim-norms", action="store_true",
                     help="use the eager shim AdaLN norms instead of the official torch.compile-d fused_op")

@@ -621,7 +621,7 @@ def test_calibration_sets_policy_and_token_minimum(tmp_path):
     mins = [min_kept(h * w, 0.25, 4) for h, w in SCHEDULE]
     assert header["min_tokens"] == mins and header["policy"]["params"]["a_max"] == 0.8
     assert header["policy"]["calibration"]["sha256"] == sha256_file(cal)
-    assert [p["x"]["min"][1] for p in sp[0].profiles] == mins
+    assert [p["x"][0][1] for p in sp[0].profiles] == mins  # (min, opt, max) shapes
     jsonschema.validate({**header, "pieces": {}}, SCHEMA)
     pol = sp[1].module
     assert float(pol.a_max) == pytest.approx(0.8) and pol.bucket == 4

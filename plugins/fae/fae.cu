@@ -171,7 +171,7 @@ FAE_API int fae_version(void) { return 100; }
 
 // 1 when fae_forward would run the Hopper (sm_90a) kernel on the current device for this head dim and
 // dtype (the build holds its sm_90a code and the device is compute 9.0), else 0. Used by the Python op to
-// choose its route; not yet declared in fae.h.
+// choose its route.
 FAE_API int fae_hopper_available(int head_dim, int dtype) {
 #ifdef FAE_WITH_HOPPER
     FaeParams p{};

@@ -66,8 +66,12 @@ FAE_API int fae_forward(const FaeParams* p, cudaStream_t stream);
 FAE_API const char* fae_status_string(int status);
 /* Benchmarking hook (bf16, d=128 only; process-wide, not thread-safe). 0: default tiles (64 queries x
  * 64 keys, 4 warps, 16 rows per warp, Q in registers); 1: 128 x 64, 8 warps; 2: 64 x 128, 4 warps;
- * 3: 128 x 64, 4 warps of 32 rows (Q in shared memory); 4: as 3 with 32-key tiles. */
+ * 3: 128 x 64, 4 warps of 32 rows (Q in shared memory); 4: as 3 with 32-key tiles. On sm_90 (d=128,
+ * bf16/fp16) 0 runs the Hopper kernel (= 6); 5: Hopper, 2 K/V stages; 6: Hopper, 3 stages; 7: the
+ * mma.sync v0 kernel forced; 8: Hopper with consumer ping-pong. */
 FAE_API int fae_set_variant(int variant);
+/* 1 when the Hopper (sm_90a) kernel serves this head dim and dtype on the current device, else 0. */
+FAE_API int fae_hopper_available(int head_dim, int dtype /* FaeDtype */);
 /* 100 * major + minor of this library's interface. */
 FAE_API int fae_version(void);
 

@@ -7,7 +7,8 @@ provides small replacements written here (nothing is copied from the official re
 same math as the kernels they replace, in float32, and a context manager that imports the official model
 class with them installed and removes them from ``sys.modules`` again afterwards.
 
-Nothing here is used by the package; only ``tests/oracle`` imports it.
+Nothing here is used by the package; only ``tests/oracle`` and the GPU peer-anchor benchmark
+``bench/official_anchor.py`` (``native_kernels=True``) import it.
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engines", action="store_true", help="also build TensorRT engines (needs tensorrt and a GPU)")
     g.add_argument("--engine-dir", default=None, help="engine directory inside --out (default OUT/engine)")
     g.add_argument("--plugins", nargs="+", default=None, metavar="PATH",
-                   help="FAE TensorRT plugin library (default $TOPROVAR_FAE_PLUGIN or build/native/libtoprovar_fae_trt.so)")
+                   help="FAE TensorRT plugin library (default $TOPROVAR_FAE_PLUGIN or "
+                        "build/native/libtoprovar_fae_trt.so)")
     g.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/engine/timing.cache)")
     g.add_argument("--optimization-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
     g.add_argument("--workspace", type=float, default=8.0, help="builder workspace limit in GiB")
@@ -69,7 +70,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _fmt_tensor(t: dict) -> str:
-    dt = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}.get(t["dtype"], t["dtype"])
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+    dt = short.get(t["dtype"], t["dtype"])
     return f"{t['name']}[{','.join(str(d) for d in t['shape'])}]{dt}"
 
 
@@ -85,7 +87,8 @@ def summary_table(manifest: dict) -> str:
     lines = [f"{head[0]:<{w[0]}}  {head[1]:<{w[1]}}  {head[2]:>{w[2]}}  {head[3]}",
              f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}  {'-' * 6}"]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
-    total = sum(pc["bytes"] + sum(e["bytes"] for e in pc.get("external_data", [])) for pc in manifest["pieces"].values())
+    total = sum(pc["bytes"] + sum(e["bytes"] for e in pc.get("external_data", []))
+                for pc in manifest["pieces"].values())
     lines.append(f"{len(rows)} pieces, {_fmt_bytes(total)}, dtype {manifest['dtype']}, "
                  f"{len(manifest['schedule'])} scales up to {manifest['schedule'][-1]}")
     if manifest.get("engines"):

@@ -123,7 +123,8 @@ def piece_feeds(spec: PieceSpec, entry: dict, model_cfg: dict, schedule: list[tu
                           "ca_kv": torch.randn(Bp, L, C, generator=g).to(dt("ca_kv")),
                           "ca_lengths": torch.randint(1, L + 1, (Bp,), generator=g, dtype=torch.int32),
                           "rope": r.contiguous(),
-                          "past_k": torch.nn.functional.normalize(torch.randn(Bp, H, P, hd, generator=g), dim=-1).to(dt("past_k")),
+                          "past_k": torch.nn.functional.normalize(torch.randn(Bp, H, P, hd, generator=g),
+                                                                  dim=-1).to(dt("past_k")),
                           "past_v": torch.randn(Bp, H, P, hd, generator=g).to(dt("past_v"))})
     elif kind == "condition":
         for ci, (B, L) in enumerate([(1, 5), (2, model_cfg["text_maxlen"]), (3, 17)]):

@@ -124,7 +124,8 @@ def _fae_creator(trt):
         if c is not None:
             return c
     for c in getattr(reg, "all_creators", None) or getattr(reg, "plugin_creator_list", None) or []:
-        if getattr(c, "name", None) == fae_onnx.OP_TYPE and getattr(c, "plugin_namespace", "") == fae_onnx.PLUGIN_NAMESPACE:
+        if (getattr(c, "name", None) == fae_onnx.OP_TYPE
+                and getattr(c, "plugin_namespace", "") == fae_onnx.PLUGIN_NAMESPACE):
             return c
     return None
 

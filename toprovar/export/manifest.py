@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -213,12 +214,21 @@ def validate(data: dict, source: str = "manifest") -> None:
         raise ManifestError(f"{source}: schema violation at {where}: {msg}")
 
 
+def dumps(data: dict) -> str:
+    """Indented JSON with arrays of scalars (shapes, schedule entries) on one line."""
+    text = json.dumps(data, indent=2)
+    # JSON strings hold no raw newline, so folding newline+indent inside innermost [...] is always safe
+    def fold(m: re.Match) -> str:
+        return re.sub(r"\n\s*", "", re.sub(r",\n\s*", ", ", m.group(0)))
+    return re.sub(r"\[[^\[\]{}]*\]", fold, text) + "\n"
+
+
 def write_manifest(data: dict, out_dir: str | os.PathLike) -> Path:
     """Validate and write ``out_dir/manifest.json`` atomically (temp name, then rename)."""
     from ..model.checkpoint import atomic_write
     out = Path(out_dir) / MANIFEST_NAME
     validate(data, str(out))
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    text = dumps(data)
     return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
 
 

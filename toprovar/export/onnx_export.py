@@ -117,7 +117,8 @@ def _private_exporter():
         import inspect
         from torch.onnx._internal.exporter import _core, _registration
         params = inspect.signature(_core.export).parameters
-        if not {"registry", "dynamic_shapes", "input_names", "output_names", "optimize", "opset_version"} <= set(params):
+        needed = {"registry", "dynamic_shapes", "input_names", "output_names", "optimize", "opset_version"}
+        if not needed <= set(params):
             return None
         if not hasattr(_registration.ONNXRegistry, "from_torchlib"):
             return None
@@ -335,7 +336,10 @@ def load_vae_decoder(req: ExportRequest, cfg):
         from ..model import vae as vae_mod
     except ImportError:
         return None, None
-    dec = vae_mod.load_vae_decoder(req.vae, cfg.vae) if req.vae else vae_mod.build_decoder(cfg.vae, seed=req.weights_seed)
+    if req.vae:
+        dec = vae_mod.load_vae_decoder(req.vae, cfg.vae)
+    else:
+        dec = vae_mod.build_decoder(cfg.vae, seed=req.weights_seed)
     return dec.eval().requires_grad_(False), {"name": cfg.vae, "source": req.vae or f"random (seed {req.weights_seed})",
                                               "stride": vae_stride(cfg)}
 
@@ -383,7 +387,8 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
     if req.dtype not in DTYPES:
         raise ExportError(f"--dtype: {req.dtype!r} is not one of {sorted(DTYPES)}")
     if req.opset < fae_onnx.MIN_OPSET:
-        raise ExportError(f"--opset: at least {fae_onnx.MIN_OPSET} is needed (FlashAttentionEntropy body), got {req.opset}")
+        raise ExportError(f"--opset: at least {fae_onnx.MIN_OPSET} is needed (FlashAttentionEntropy body), "
+                          f"got {req.opset}")
     if req.max_batch_size < req.batch_size:
         raise ExportError(f"--max-batch-size {req.max_batch_size} is smaller than --batch-size {req.batch_size}")
     cfg = get_config(req.model)

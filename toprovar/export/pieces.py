@@ -64,7 +64,8 @@ class PieceSpec:
         dims: dict[str, object] = {}
         for sym, ax in self.axes.items():
             if ax.base is None:
-                dims[sym] = torch.export.Dim(sym, min=ax.min, max=ax.max) if ax.max else torch.export.Dim(sym, min=ax.min)
+                dims[sym] = (torch.export.Dim(sym, min=ax.min, max=ax.max) if ax.max
+                             else torch.export.Dim(sym, min=ax.min))
         for sym, ax in self.axes.items():
             if ax.base is not None:
                 dims[sym] = ax.factor * dims[ax.base]

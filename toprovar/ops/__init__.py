@@ -11,10 +11,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .reference import attention_entropy_reference, key_mask_from_lengths
 
 EntropyMode = Literal["heads", "mean"] | None
+_CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 
 
 @torch.library.custom_op("toprovar::attention_with_entropy", mutates_args=())
@@ -60,6 +63,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     if entropy is None:
         mask = key_mask_from_lengths(key_lengths, q.shape[0], k.shape[2], q.device)
+        if q.is_cuda and mask is None:  # cuDNN first: 1.16 ms vs flash 2.1 ms at the 2B last scale (H100)
+            with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     if entropy not in ("heads", "mean"):
         raise ValueError(f"entropy: expected None, 'heads' or 'mean', got {entropy!r}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -34,7 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.cli_engine import cmd_generate_engine, wants_engine_dir
     if wants_engine_dir(args):  # --engine-dir DIR --backend {trt,onnxruntime,torch}
         return cmd_generate_engine(args)
-    from .pipeline import Pipeline, save_png, to_uint8
+    from .pipeline import Pipeline, save_images
     from .policy import make_policy
     policy = make_policy(args.policy, args.calibration)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
@@ -48,11 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.profile:  # policy report: kept fraction per scale and layer, FLOPs relative to unpruned
         from .policy.flops import format_report, policy_report
         print(format_report(policy_report(res.trace, pipe.cfg)), file=sys.stderr)
-    for i, img in enumerate(to_uint8(res.images)):
-        out = Path(args.output)
-        if len(args.prompt) > 1:
-            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        print(save_png(img, out))
+    save_images(res.images, args.output)
     return 0
 
 

@@ -49,6 +49,18 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
+def save_images(images: torch.Tensor, output: str | Path) -> list[Path]:
+    """Save (B, 3, H, W) images in [-1, 1] as PNG at ``output`` (``_i`` appended when B > 1); prints paths."""
+    paths = []
+    for i, img in enumerate(to_uint8(images)):
+        out = Path(output)
+        if images.shape[0] > 1:
+            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
+        paths.append(save_png(img, out))
+        print(paths[-1])
+    return paths
+
+
 @dataclass
 class Pipeline:
     """Everything generation needs, in PyTorch."""

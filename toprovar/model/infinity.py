@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .checkpoint import load_into
-from .layers import AdaLNBeforeHead, CrossAttnBlock, TextAttentivePool, layer_norm, linear
+from .layers import AdaLNBeforeHead, CrossAttnBlock, TextAttentivePool, linear
 
 
 class RMSNorm(nn.Module):

@@ -37,21 +37,26 @@ class TextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [self.tokenize(p) for p in prompts]
-        for p, t in zip(prompts, ids):
-            if len(t) > self.max_length:
-                raise PromptTooLongError(
-                    f"--prompt: {len(t)} tokens exceed the {self.label} text encoder's limit of {self.max_length}"
-                    f" ({p[:40]!r}...)")
-        L = max(len(t) for t in ids)
+        input_ids, mask = tokenize_batch(self.tokenize, prompts, self.max_length, self.label)
         dev = next(self.encoder.parameters()).device
-        input_ids = torch.zeros(len(ids), L, dtype=torch.long)
-        mask = torch.zeros(len(ids), L, dtype=torch.long)
-        for i, t in enumerate(ids):
-            input_ids[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(t)] = 1
         out = self.encoder(input_ids=input_ids.to(dev), attention_mask=mask.to(dev))["last_hidden_state"]
         return out.float(), mask.sum(1).to(torch.int32).to(dev)
+
+
+def tokenize_batch(tokenize, prompts: list[str], max_length: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (B, L) int64, L = the longest prompt; PromptTooLongError past the limit."""
+    ids = [list(tokenize(p)) for p in prompts]
+    for p, t in zip(prompts, ids):
+        if len(t) > max_length:
+            raise PromptTooLongError(f"--prompt: {len(t)} tokens exceed the {label} text encoder's limit of "
+                                     f"{max_length} ({p[:40]!r}...)")
+    L = max(len(t) for t in ids)
+    input_ids = torch.zeros(len(ids), L, dtype=torch.long)
+    mask = torch.zeros(len(ids), L, dtype=torch.long)
+    for i, t in enumerate(ids):
+        input_ids[i, :len(t)] = torch.tensor(t)
+        mask[i, :len(t)] = 1
+    return input_ids, mask
 
 
 def tiny_text_encoder(width: int, max_length: int, seed: int = 0) -> TextEncoder:

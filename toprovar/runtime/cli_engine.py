@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from .engine_dir import BACKENDS, EngineDirError, check_backend
 
@@ -31,7 +30,7 @@ def wants_engine_dir(args: argparse.Namespace) -> bool:
 
 def cmd_generate_engine(args: argparse.Namespace) -> int:
     """Generate with ``EngineRuntime``; same outputs and report as the PyTorch pipeline path."""
-    from ..pipeline import save_png, to_uint8
+    from ..pipeline import save_images
     from ..policy import make_policy
     from .engine_dir import EngineRuntime
     backend = check_backend(args.backend)
@@ -60,11 +59,7 @@ def cmd_generate_engine(args: argparse.Namespace) -> int:
             print(format_report(policy_report(res.trace, rt.cfg)), file=sys.stderr)
         except ImportError:
             pass
-    for i, img in enumerate(to_uint8(res.images)):
-        out = Path(args.output)
-        if len(args.prompt) > 1:
-            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        print(save_png(img, out))
+    save_images(res.images, args.output)
     return 0
 
 

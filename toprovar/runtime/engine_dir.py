@@ -26,7 +26,7 @@ import torch
 
 from ..config import ModelConfig, get_config
 from ..model.rope import rope_tables
-from ..model.text import ByteTokenizer, PromptTooLongError
+from ..model.text import ByteTokenizer, tokenize_batch
 from ..policy.base import Policy
 from ..schedule import ScheduleError, nearest_ratio
 from .orchestrator import GenerationResult, ModelSpec, Orchestrator
@@ -80,18 +80,7 @@ class PieceTextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [list(self.tokenize(p)) for p in prompts]
-        for p, t in zip(prompts, ids):
-            if len(t) > self.max_length:
-                raise PromptTooLongError(
-                    f"--prompt: {len(t)} tokens exceed the {self.label} text encoder's limit of {self.max_length}"
-                    f" ({p[:40]!r}...)")
-        L = max(len(t) for t in ids)
-        input_ids = torch.zeros(len(ids), L, dtype=torch.long)
-        mask = torch.zeros(len(ids), L, dtype=torch.long)
-        for i, t in enumerate(ids):
-            input_ids[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(t)] = 1
+        input_ids, mask = tokenize_batch(self.tokenize, prompts, self.max_length, self.label)
         dev = self.backend.device
         hidden = self.backend.encode_text(input_ids.to(dev), mask.to(dev))
         return hidden.float().clone(), mask.sum(1).to(torch.int32).to(dev)

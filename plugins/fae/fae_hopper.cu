@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "fae_hopper.h"
+#include "fae_online.cuh"
 
 namespace toprovar_fae_hopper {
 
@@ -105,11 +106,6 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint
     return d;
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 __device__ __forceinline__ void wgmma_ss_bf16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
     asm volatile(
@@ -229,13 +225,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], floa
         float mx = fmaxf(mx0, mx1);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx * c);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // every key so far masked
-        const float delta = m[r] - m_use;                       // <= 0, -inf on the first valid tile
-        const float alpha = fast_exp2(delta);
-        e[r] = l[r] > 0.f ? alpha * (e[r] + delta * l[r]) : 0.f;
-        l[r] *= alpha;
-        m[r] = m_new;
+        const FaeRowShift sh = fae_shift_row(m[r], l[r], e[r], mx * c);
+        const float m_use = sh.m_use, alpha = sh.alpha;
         alpha_out[r] = alpha;
         float ls[2] = {0.f, 0.f}, es[2] = {0.f, 0.f};
 #pragma unroll

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "fae.h"
+#include "fae_online.cuh"
 
 namespace toprovar_fae {
 
@@ -75,11 +76,6 @@ template <> struct Mma<__half> {
     }
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // Shared-memory tile of BN rows x D elements; 16-byte chunk c of row r lives at chunk c ^ (r & 7).
 template <int D>
@@ -196,13 +192,8 @@ __global__ void __launch_bounds__(NW * 32) fae_fwd_kernel(const KernelParams p) 
             for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[r], mx * c);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // every key so far masked
-            const float delta = m[r] - m_use;                       // <= 0, -inf on the first valid tile
-            const float alpha = fast_exp2(delta);
-            e[r] = l[r] > 0.f ? alpha * (e[r] + delta * l[r]) : 0.f;
-            l[r] *= alpha;
-            m[r] = m_new;
+            const FaeRowShift sh = fae_shift_row(m[r], l[r], e[r], mx * c);
+            const float m_use = sh.m_use, alpha = sh.alpha;
 #pragma unroll
             for (int nt = 0; nt < ND; ++nt) {
                 acc[nt][2 * r] *= alpha;
@@ -371,13 +362,8 @@ __global__ void __launch_bounds__(NW * 32) fae_fwd_kernel_m2(const KernelParams 
                 for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[mt][r], mx * c);
-                const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                const float delta = m[mt][r] - m_use;
-                const float alpha = fast_exp2(delta);
-                e[mt][r] = l[mt][r] > 0.f ? alpha * (e[mt][r] + delta * l[mt][r]) : 0.f;
-                l[mt][r] *= alpha;
-                m[mt][r] = m_new;
+                const FaeRowShift sh = fae_shift_row(m[mt][r], l[mt][r], e[mt][r], mx * c);
+                const float m_use = sh.m_use, alpha = sh.alpha;
 #pragma unroll
                 for (int nt = 0; nt < ND; ++nt) {
                     acc[mt][nt][2 * r] *= alpha;

@@ -32,9 +32,9 @@ class TorchBackend:
         self.next_pieces = [NextInputPiece(model, schedule, si) for si in range(len(schedule))]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        # more graphs than one per (layer, variant, scale) means addresses or pruning patterns vary
+        # more graphs than one per (layer, scale) means addresses or pruning patterns vary
         # between calls: then all are dropped (their static outputs freed) and re-captured
-        self._max_graphs = 2 * len(self.blocks) * len(schedule)
+        self._max_graphs = len(self.blocks) * len(schedule)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._ws = Workspace(self.device)
 
@@ -48,9 +48,13 @@ class TorchBackend:
     def block(self, layer, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, entropy):
         args = (x, ada, ca_kv, ca_lengths, rope, past_k, past_v)
         piece = self.blocks[layer][int(entropy)]
+        out = None
         if self.cuda_graphs:
-            out = self._graphed(layer, entropy, piece, args)
-        else:
+            try:
+                out = self._graphed(layer, entropy, piece, args)
+            except torch.OutOfMemoryError:  # graph memory is a cache: drop it and run this call eagerly
+                self._drop_graphs()
+        if out is None:
             out = piece(*args)
         return out if entropy else (*out, None)
 
@@ -59,9 +63,7 @@ class TorchBackend:
         hit = self._graphs.get(key)
         if hit is None:
             if len(self._graphs) >= self._max_graphs:
-                torch.cuda.synchronize(self.device)
-                self._graphs.clear()
-                self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one is released whole
+                self._drop_graphs()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -74,6 +76,13 @@ class TorchBackend:
         graph, outs = hit
         graph.replay()
         return outs[:3] + tuple(o.clone() for o in outs[3:])  # entropy: the policy may keep it
+
+    def _drop_graphs(self) -> None:
+        """Free every captured graph with its static outputs and start a fresh memory pool."""
+        torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.empty_cache()
 
     def head(self, si, x, cond, uniform, cfg, tau, top_p):
         return self.head_piece(x, cond, uniform, cfg, tau, top_p)

@@ -76,9 +76,3 @@ def next_scale_input(summed: torch.Tensor, size: tuple[int, int], spatial_patchi
     if spatial_patchify:
         x = patchify(x)
     return x.flatten(2).transpose(1, 2)
-
-
-def latent_size(side: tuple[int, int], spatial_patchify: bool) -> tuple[int, int]:
-    """Latent grid size (H, W) of a token grid side (h, w)."""
-    f = 2 if spatial_patchify else 1
-    return side[0] * f, side[1] * f

@@ -12,8 +12,6 @@ masked row gives O = 0 and H = 0; H is clamped to [0, ln N_valid].
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24  # 64 MiB of float32 scores per chunk
@@ -84,8 +82,3 @@ def attention_entropy_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a = torch.nan_to_num(a, nan=0.0)
     la = torch.where(a > 0, torch.log(a), torch.zeros_like(a))
     return torch.matmul(a, v.double()), -(a * la).sum(dim=-1)
-
-
-def max_entropy(n_keys: int) -> float:
-    """Upper bound ln N of the entropy over N keys."""
-    return math.log(max(1, n_keys))

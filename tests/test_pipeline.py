@@ -60,7 +60,7 @@ def test_errors_are_single_lines(pipe, capsys):
         pipe.generate(["x"], resolution=100, progress=False)
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["toprovar: error: --model: unknown model 'nope'; choose from ['infinity-2b', 'infinity-8b', 'tiny']"]
+    assert err == ["toprovar: error: --model: unknown model 'nope'; choose from ['infinity-2b', 'infinity-8b', 'shapes', 'tiny']"]
 
 
 def test_to_uint8_range():

@@ -1,4 +1,5 @@
-"""``toprovar`` command line: generate (PyTorch pipeline or an exported engine directory)."""
+"""``toprovar`` command line: generate (PyTorch pipeline or an exported engine directory), calibrate, bench,
+policies."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="longer image side in pixels")
     p.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio h/w")
     p.add_argument("--policy", default="none", help="pruning policy (see `toprovar policies`)")
-    p.add_argument("--calibration", default=None, help="calibration JSON for the policy")
+    p.add_argument("--calibration", default=None,
+                   help="calibration JSON for the policy (default: the weights directory's calibration.json)")
     p.add_argument("--profile", action="store_true", help="per-scale timing and kept tokens")
 
 
@@ -35,9 +37,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return cmd_generate_engine(args)
     from .pipeline import Pipeline, save_images
     from .policy import make_policy
-    policy = make_policy(args.policy, args.calibration)
+    from .config import get_config
+    calibration = args.calibration or get_config(args.model).packaged_calibration(args.weights)
+    policy = make_policy(args.policy, str(calibration) if calibration else None)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
-                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed)
+                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights (no --checkpoint given): the image is noise-like "
               "and shows the pipeline, not a trained model", file=sys.stderr)
@@ -68,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="toprovar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from text")
-    g.add_argument("--model", default="tiny", help="tiny | infinity-2b | infinity-8b")
+    g.add_argument("--model", default="shapes",
+                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
+    g.add_argument("--weights", default=None, help="weights directory of a trained small model "
+                   "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
     g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
     g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
     g.add_argument("--t5", default=None, help="local flan-t5-xl directory")
@@ -83,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="calibrate ToProVAR (tau, layer scores) on a prompt list -> JSON")
     add_calibrate_args(c)
     c.set_defaults(func=cmd_calibrate)
+    from .benchmark.e2e import add_bench_args, cmd_bench
+    b = sub.add_parser("bench", help="end-to-end benchmark of the policies -> JSON + Markdown (per scale, per piece)")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     sub.add_parser("policies", help="list pruning policies").set_defaults(
         func=lambda a: print("\n".join(__import__("toprovar.policy", fromlist=["POLICIES"]).POLICIES)) or 0)
     args = parser.parse_args(argv)

@@ -29,6 +29,20 @@ class ModelConfig:
     default_tau: float = 0.5
     top_p: float = 0.97
     random_weights_label: str = ""
+    weights: str = ""
+
+    @property
+    def weights_dir(self):
+        """Directory of the packaged trained weights (``toprovar/weights/<weights>``), or None."""
+        from pathlib import Path
+        return Path(__file__).parent / "weights" / self.weights if self.weights else None
+
+    def packaged_calibration(self, weights_dir=None):
+        """``calibration.json`` of the weights directory (given, else packaged) when it exists: the model's
+        default ToProVAR operating point; None otherwise."""
+        from pathlib import Path
+        d = Path(weights_dir) if weights_dir else self.weights_dir
+        return d / "calibration.json" if d is not None and (d / "calibration.json").is_file() else None
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +85,10 @@ CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", depth=4, width=128, num_heads=2, text_channels=128, codebook_dim=16,
                         vae="tiny", text_encoder="tiny", text_maxlen=64, block_chunks=2,
                         default_preset="0.06M", default_cfg=3.0, default_tau=1.0).validate(),
+    # The project's trained shapes model (tools/train_small.py; weights packaged under toprovar/weights/shapes).
+    "shapes": ModelConfig("shapes", depth=8, width=192, num_heads=3, text_channels=128, codebook_dim=16,
+                          vae="shapes", text_encoder="tiny", text_maxlen=64, block_chunks=4,
+                          default_preset="0.06M", default_cfg=3.0, default_tau=1.0, weights="shapes").validate(),
 }
 
 

@@ -75,12 +75,21 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
              t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             seed: int = 0, text_encoder: bool = True) -> "Pipeline":
+             seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> "Pipeline":
         """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
 
-        text_encoder=False builds no text encoder: generate from precomputed features only.
+        A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
+        names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
+        tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
         """
         cfg = get_config(model)
+        text_weights = None
+        wdir = Path(weights) if weights else (cfg.weights_dir if checkpoint is None else None)
+        if wdir is not None:
+            if not wdir.is_dir():
+                raise FileNotFoundError(f"--weights: {wdir} is not a directory (train it: python tools/train_small.py)")
+            checkpoint, vae = str(wdir / "model.safetensors"), vae or str(wdir / "vae.safetensors")
+            text_weights = wdir / "text_encoder.safetensors"
         # random weights are drawn on the CPU so a seed gives the same model on every device
         net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
         if checkpoint:
@@ -96,7 +105,7 @@ class Pipeline:
         elif t5:
             te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
         elif cfg.text_encoder == "tiny":
-            te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed).to(device)
+            te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
         else:
             raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
         return cls(cfg, net, dec, te, random_weights=not checkpoint)

@@ -109,9 +109,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def save_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Save the model's state dict as safetensors (``.safetensors``) or torch ``.pth``, atomically."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_state_dict(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Save the model's state dict as safetensors (``.safetensors``) or torch ``.pth``, atomically;
+    ``dtype`` casts the floating-point tensors (e.g. bfloat16 for a compact file)."""
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+          for k, v in model.state_dict().items()}
 
     def write(tmp: str) -> None:
         if str(path).endswith(".safetensors"):

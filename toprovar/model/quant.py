@@ -76,3 +76,28 @@ def next_scale_input(summed: torch.Tensor, size: tuple[int, int], spatial_patchi
     if spatial_patchify:
         x = patchify(x)
     return x.flatten(2).transpose(1, 2)
+
+
+def quantize_multiscale(f: torch.Tensor, schedule: list[tuple[int, int]]
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Multiscale residual BSQ encoding of a latent: the inverse of ``accumulate_codes`` over a schedule.
+
+    f: (B, d, H, W) float, (H, W) = the last scale. At each scale (h, w) the residual is area-downsampled,
+    its signs are the bits, and their codes (+-1/sqrt(d), ``bits_to_codes``), resized to (H, W) exactly as
+    generation resizes them, are subtracted from the residual. Returns the bits per scale, each (B, h, w, d)
+    uint8 in {0, 1}, and f_hat (B, d, H, W) float32 = the summed codes that generation would rebuild from them.
+    """
+    final = tuple(f.shape[-2:])
+    if tuple(schedule[-1]) != final:
+        raise ValueError(f"quantize_multiscale: latent {final} is not the schedule's last scale {schedule[-1]}")
+    residual = f.float()
+    f_hat = torch.zeros_like(residual)
+    bits_out = []
+    for h, w in schedule:
+        r = residual if (h, w) == final else F.interpolate(residual, size=(h, w), mode="area")
+        bits = (r > 0).permute(0, 2, 3, 1).to(torch.uint8)
+        up = upsample_codes(bits_to_codes(bits), final) if (h, w) != final else bits_to_codes(bits)
+        residual = residual - up
+        f_hat = f_hat + up
+        bits_out.append(bits)
+    return bits_out, f_hat

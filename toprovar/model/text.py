@@ -59,8 +59,9 @@ def tokenize_batch(tokenize, prompts: list[str], max_length: int, label: str) ->
     return input_ids, mask
 
 
-def tiny_text_encoder(width: int, max_length: int, seed: int = 0) -> TextEncoder:
-    """A randomly initialised 2-layer T5 encoder of ``width`` channels with a byte tokenizer (no files)."""
+def tiny_text_encoder(width: int, max_length: int, seed: int = 0, weights: str | Path | None = None) -> TextEncoder:
+    """A 2-layer T5 encoder of ``width`` channels with a byte tokenizer: randomly initialised from ``seed``,
+    or trained weights from a safetensors file (strictly loaded)."""
     from transformers import T5Config, T5EncoderModel
     cfg = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
                    num_layers=2, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu")
@@ -70,7 +71,10 @@ def tiny_text_encoder(width: int, max_length: int, seed: int = 0) -> TextEncoder
         enc = T5EncoderModel(cfg).eval()
     finally:
         torch.random.set_rng_state(state)
-    return TextEncoder(enc, ByteTokenizer(), max_length, "tiny (random)")
+    if weights is not None:
+        from .checkpoint import load_into
+        load_into(enc, weights)
+    return TextEncoder(enc, ByteTokenizer(), max_length, "tiny (random)" if weights is None else "tiny (trained)")
 
 
 def t5_text_encoder(path: str | Path, max_length: int = 512, dtype: torch.dtype = torch.float32,

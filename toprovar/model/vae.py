@@ -108,6 +108,8 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "infinity-8b": replace(VAEConfig.official(14, spatial_patchify=True), name="infinity-8b"),
     # Tests and the CPU demo: 16 bits, stride 4 (a 16x16 latent decodes to 64x64 in a few ms).
     "tiny": VAEConfig("tiny", codebook_dim=16, patch_size=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1).validate(),
+    # The trained shapes tokenizer (tools/train_small.py): 64x64 images <-> 16x16 x 16-bit latents.
+    "shapes": VAEConfig("shapes", codebook_dim=16, patch_size=4, ch=48, ch_mult=(1, 2, 2), num_res_blocks=1).validate(),
 }
 
 
@@ -244,6 +246,79 @@ class BSQDecoder(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.cfg.codebook_dim:
             raise ValueError(f"VAE decoder: expected latent (B, {self.cfg.codebook_dim}, h, w), got {tuple(z.shape)}")
         return self.decoder(z).clamp(-1, 1)
+
+
+class _Downsample(nn.Module):
+    """A 3x3 conv with stride 2 (``downsample.conv``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _EncoderNet(nn.Module):
+    """The project's encoder, the decoder's mirror: conv_in, per level ``block.{j}`` + ``downsample``, mid,
+    norm_out, conv_out to d channels. Image (B, 3, H, W) -> latent (B, d, H/stride, W/stride)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = _Conv(cfg.out_ch, chans[0], 3)
+        self.down = nn.ModuleList()
+        cin = chans[0]
+        for i, cout in enumerate(chans):
+            level = nn.Module()
+            level.block = nn.ModuleList(_ResBlock(cin if j == 0 else cout, cout) for j in range(cfg.num_res_blocks + 1))
+            if i < math.log2(cfg.patch_size):
+                level.downsample = _Downsample(cout)
+            self.down.append(level)
+            cin = cout
+        self.mid = _Mid(cin)
+        self.norm_out = _Norm(cin)
+        self.conv_out = _Conv(cin, cfg.z_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for blk in level.block:
+                h = blk(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(_swish(self.norm_out(self.mid(h))))
+
+
+class BSQAutoencoder(nn.Module):
+    """Encoder + multiscale BSQ + decoder, for training the project's own tokenizer.
+
+    State dict = ``encoder.*`` + the decoder's ``decoder.*`` keys, so a saved autoencoder loads with
+    ``load_vae_decoder`` (which, as for official VAE files, ignores the encoder).
+    """
+
+    def __init__(self, cfg: str | VAEConfig):
+        super().__init__()
+        self.cfg = get_vae_config(cfg)
+        if self.cfg.spatial_patchify:
+            raise ValueError(f"VAE config {self.cfg.name}: the autoencoder does not support spatial patchify")
+        self.encoder = _EncoderNet(self.cfg)
+        self.decoder = _DecoderNet(self.cfg)
+
+    def tokenize(self, images: torch.Tensor, schedule: list[tuple[int, int]]
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> (bits per scale (B, h, w, d) uint8, latent f, summed codes f_hat),
+        both (B, d, H/stride, W/stride) float32."""
+        from .quant import quantize_multiscale
+        f = self.encoder(images).float()
+        bits, f_hat = quantize_multiscale(f, schedule)
+        return bits, f, f_hat
+
+    def forward(self, images: torch.Tensor, schedule: list[tuple[int, int]]):
+        """Training pass: (reconstruction (B, 3, H, W), f, f_hat); gradients reach the encoder through a
+        straight-through estimator (the decoder sees f + (f_hat - f).detach())."""
+        _, f, f_hat = self.tokenize(images, schedule)
+        return self.decoder(f + (f_hat - f).detach()), f, f_hat
 
 
 def build_decoder(config: str | VAEConfig, seed: int | None = 0, device: str | torch.device | None = None) -> BSQDecoder:

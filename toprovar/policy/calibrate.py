@@ -219,7 +219,9 @@ def _beta(text: str) -> float | str:
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     """The ``toprovar calibrate`` options (the model options mirror ``toprovar generate``)."""
     from ..cli import DTYPES, _floats
-    p.add_argument("--model", default="tiny", help="tiny | infinity-2b | infinity-8b")
+    p.add_argument("--model", default="shapes",
+                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
+    p.add_argument("--weights", default=None, help="weights directory of a trained small model")
     p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
     p.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
     p.add_argument("--t5", default=None, help="local flan-t5-xl directory")
@@ -228,7 +230,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    p.add_argument("-o", "--output", default=None, help="calibration JSON (default calibration/<model>.json)")
+    p.add_argument("-o", "--output", default=None, help="calibration JSON (default: calibration.json in the weights "
+                   "directory of a model with one, else calibration/<model>.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="prompts per generation")
     p.add_argument("--cfg", type=_floats, default=None)
@@ -266,14 +269,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt/--prompts: give at least one calibration prompt")
     config = config_from_sets(args.set)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5, device=args.device,
-                         dtype=DTYPES[args.dtype], seed=args.weights_seed)
+                         dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights: the calibration shows the procedure only",
               file=sys.stderr)
     data = calibrate(pipe, prompts, config, seed=args.seed, batch=args.batch, resolution=args.resolution,
                      h_div_w=args.h_div_w, cfg=args.cfg, tau=args.tau, top_p=args.top_p, tau_rule=args.tau_rule,
                      tau_target=args.tau_target, tau_band=args.tau_band, beta=args.beta, progress=True)
-    out = args.output or f"calibration/{args.model}.json"
+    wdir = args.weights or (pipe.cfg.weights_dir if not args.checkpoint else None)
+    out = args.output or (f"{wdir}/calibration.json" if wdir else f"calibration/{args.model}.json")
     path = write_calibration(out, data)
     pol = data["policy"]
     print(f"tau {pol['tau']:.3f} ({data['tau_rule']['rule']}), beta {pol['beta']:.4g}, D over prompts "

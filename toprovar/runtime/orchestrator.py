@@ -33,7 +33,22 @@ class Backend(Protocol):
     def synchronize(self) -> None: ...
     # Optional: ``owns_outputs`` (bool: outputs live in the backend's buffers until its next call; the
     # orchestrator copies them out), ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per
-    # generation), ``begin_scale(si)`` (e.g. select the TensorRT optimization profile of the scale).
+    # generation), ``begin_scale(si)`` (e.g. select the TensorRT optimization profile of the scale),
+    # ``head_logits(si, x, cond)`` + ``head_sample(si, logits, uniform, cfg, tau, top_p)`` (the head piece
+    # in two calls, the same ops: used by profiled runs to time the head and the sampling apart).
+
+
+# Piece kinds of the per-scale breakdown (``GenerationResult.piece_ms``), in report order:
+#   dense / pruned  transformer layers on all tokens / on a kept subset (incl. their KV-cache write and, for
+#                   layers asked for it, the FAE entropy; a policy's BlockRunner layer counts by its k/v count)
+#   policy          the policy's work: keep() (entropy statistics, TokenKeepPiece, selection), observe(),
+#                   wants_entropy/block_runner (a skipped layer's decision too)
+#   gather_scatter  index_select of the kept tokens and their RoPE rows, index_copy_ of the outputs back
+#   head            logits (with a backend that has no head_logits: the whole head piece, sampling included)
+#   sampling        the CPU noise draw and its copy to the device, bit sampling, the copy into the bits buffer
+#   next_input      summed codes + next scale's embedded input (and its CFG broadcast)
+#   other           begin_scale, CFG-batch switch and bookkeeping at the start of a scale
+PIECES = ("dense", "pruned", "policy", "gather_scatter", "head", "sampling", "next_input", "other")
 
 
 @dataclass
@@ -56,6 +71,8 @@ class GenerationResult:
     trace: PolicyTrace
     scale_ms: list[float] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)  # with profile: "condition", "decode"
+    # with profile: per scale index, milliseconds per piece kind (``PIECES``; kinds that did not run are absent)
+    piece_ms: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -94,6 +111,10 @@ class Orchestrator:
         buffers (``owns_outputs``: ONNX Runtime, TensorRT) has them copied out before its next call. No
         device-to-host read happens here: a pruning policy reads its kept count itself (one small read per
         pruned layer), unpruned layers read nothing.
+
+        profile=True also times each scale, the condition and decode stages, and per scale the pieces of
+        ``PIECES`` (CUDA events on CUDA, recorded between the pieces with no synchronisation until the end;
+        perf_counter on CPU); the images and bits are the same as without it.
         """
         be, sp, S = self.backend, self.spec, len(self.schedule)
         dev = be.device
@@ -103,6 +124,8 @@ class Orchestrator:
         B = text.shape[0]
         use_cfg = any(c != 1.0 for c in cfgs)
         timer = _Timer(dev, profile)
+        lap = timer.lap if profile else _no_lap  # time since the previous mark -> a piece of a scale
+        split_head = profile and hasattr(be, "head_logits") and hasattr(be, "head_sample")
         if hasattr(be, "prepare"):
             with _oom_guard(f"preparing the backend's buffers for {S} scales (batch {B})", dev):
                 be.prepare(self.schedule, B, use_cfg, text.shape[1])
@@ -154,9 +177,11 @@ class Orchestrator:
                     Bp, x, cond, ada, ca_kv, ca_len = B, x[:B], cond[:B], ada[:B], ca_kv[:B], ca_len[:B]
                 rope = self.ropes[si]
                 trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
+                lap(si, "other")
                 for layer in range(sp.depth):
                     runner = policy.block_runner(si, layer)
                     if runner is not None:  # the policy runs this layer itself (FastVAR's sub-layer pruning)
+                        lap(si, "policy")
                         P = cache_len[layer]
                         xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope,
                                           cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P])
@@ -169,11 +194,15 @@ class Orchestrator:
                         else:
                             x = xo
                         trace.kept[si].append(m)
+                        lap(si, "pruned" if m < n else "dense")
                         continue
                     idx = policy.keep(si, layer, n)
                     if idx is not None and idx.numel() == 0:
                         trace.kept[si].append(0)
+                        lap(si, "policy")
                         continue
+                    want = policy.wants_entropy(si, layer)
+                    lap(si, "policy")
                     if idx is None:
                         xin, rin = x, rope
                     else:
@@ -182,29 +211,43 @@ class Orchestrator:
                         xin = torch.index_select(x, 1, idx, out=self.ws.view("xin", (Bp, k_n, sp.width), x.dtype))
                         rin = torch.index_select(rope, 1, idx,
                                                  out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
+                        lap(si, "gather_scatter")
                     P = cache_len[layer]
-                    want = policy.wants_entropy(si, layer)
                     xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
                                              cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
                     m = k.shape[2]
                     cache_k[layer][:Bp, :, P:P + m] = k
                     cache_v[layer][:Bp, :, P:P + m] = v
                     cache_len[layer] = P + m
-                    if idx is not None:
-                        x.index_copy_(1, idx, xo)
-                    elif owns:
-                        x.copy_(xo)
-                    else:
-                        x = xo
                     trace.kept[si].append(m)
+                    if idx is not None:
+                        lap(si, "pruned")
+                        x.index_copy_(1, idx, xo)
+                        lap(si, "gather_scatter")
+                    else:
+                        if owns:
+                            x.copy_(xo)
+                        else:
+                            x = xo
+                        lap(si, "dense")
                     if want:
                         policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
+                        lap(si, "policy")
                 uniform = uniform_noise(gen, B, n, sp.token_bits, dev)
-                bits = be.head(si, x, cond, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                lap(si, "sampling")
+                if split_head:
+                    logits = be.head_logits(si, x, cond)
+                    lap(si, "head")
+                    bits = be.head_sample(si, logits, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                    lap(si, "sampling")
+                else:
+                    bits = be.head(si, x, cond, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                    lap(si, "head")
                 dst = bits_all[:, off:off + n]
                 dst.copy_(bits)
                 bits_out.append(dst)
                 off += n
+                lap(si, "sampling")
                 summed_new, x_next = be.next_input(si, bits, summed)
                 if owns:
                     summed.copy_(summed_new)
@@ -214,6 +257,7 @@ class Orchestrator:
                     h2, w2 = self.schedule[si + 1]
                     x = self.ws.view("x", (Bp, h2 * w2, sp.width), torch.float32)
                     x.view(Bp // B, B, h2 * w2, sp.width).copy_(x_next.unsqueeze(0).expand(Bp // B, -1, -1, -1))
+                lap(si, "next_input")
             except Exception as exc:
                 if is_oom(exc):
                     raise oom_error(f"at scale {si} ({h}x{w}, {n} tokens, batch {Bp})", exc, dev) from None
@@ -229,7 +273,8 @@ class Orchestrator:
             be.synchronize()
         scale_ms = [timer.ms(si) for si in range(len(bits_out))] if profile else []
         stage_ms = {k: timer.ms(k) for k in ("condition", "decode")} if profile else {}
-        return GenerationResult(images, bits_out, trace, scale_ms, stage_ms)
+        piece_ms = timer.piece_ms() if profile else {}
+        return GenerationResult(images, bits_out, trace, scale_ms, stage_ms, piece_ms)
 
     def release(self) -> None:
         """Free the preallocated buffers (they are otherwise kept for the next call)."""
@@ -251,36 +296,63 @@ class _oom_guard:
         return False
 
 
+def _no_lap(si: int, piece: str) -> None:
+    """``_Timer.lap`` of an unprofiled run."""
+
+
 class _Timer:
-    """Per-stage timing: CUDA events on a CUDA device (no synchronisation until the end), else wall clock
-    after a synchronisation. Inactive unless ``enabled``."""
+    """Per-stage timing: CUDA events on a CUDA device (no synchronisation until the end), else
+    ``time.perf_counter`` (CPU work is synchronous). Inactive unless ``enabled``.
+
+    ``start``/``stop`` time a key (a scale index or a stage name); ``lap(si, piece)`` attributes the time
+    since the previous mark (the scale's ``start`` or the previous lap) to ``piece`` of scale ``si``, so the
+    laps of a scale tile its start..stop interval; ``piece_ms`` sums them per scale and piece.
+    """
 
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled, self.cuda = enabled, device.type == "cuda"
         self._t: dict = {}
+        self._laps: list[tuple[int, str, object, object]] = []
+        self._last = None
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _elapsed(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def start(self, key) -> None:
         if not self.enabled:
             return
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._t[key] = [ev, None]
-        else:
-            self._t[key] = [time.perf_counter(), None]
+        self._last = self._now()
+        self._t[key] = [self._last, None]
 
     def stop(self, key) -> None:
         if not self.enabled:
             return
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._t[key][1] = ev
-        else:
-            self._t[key][1] = time.perf_counter()
+        self._t[key][1] = self._now()
+
+    def lap(self, si: int, piece: str) -> None:
+        if not self.enabled:
+            return
+        now = self._now()
+        self._laps.append((si, piece, self._last, now))
+        self._last = now
 
     def ms(self, key) -> float:
         a, b = self._t.get(key, (None, None))
         if a is None or b is None:
             return float("nan")
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return self._elapsed(a, b)
+
+    def piece_ms(self) -> dict[int, dict[str, float]]:
+        """{scale: {piece: ms}} in ``PIECES`` order (call after the device is synchronised)."""
+        acc: dict[int, dict[str, float]] = {}
+        for si, piece, a, b in self._laps:
+            d = acc.setdefault(si, {})
+            d[piece] = d.get(piece, 0.0) + self._elapsed(a, b)
+        return {si: {p: d[p] for p in PIECES if p in d} for si, d in acc.items()}

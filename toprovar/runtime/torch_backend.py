@@ -12,8 +12,8 @@ import torch
 
 from ..model.infinity import Infinity
 from ..model.pieces import BlockPiece, ConditionPiece, HeadPiece, NextInputPiece
+from ..sampling import sample_bits
 from .buffers import Workspace
-
 
 
 class TorchBackend:
@@ -86,6 +86,13 @@ class TorchBackend:
 
     def head(self, si, x, cond, uniform, cfg, tau, top_p):
         return self.head_piece(x, cond, uniform, cfg, tau, top_p)
+
+    # The head piece in two calls (same ops as HeadPiece.forward): profiled runs time logits and sampling apart.
+    def head_logits(self, si, x, cond):
+        return self.model.logits(x, cond)
+
+    def head_sample(self, si, logits, uniform, cfg, tau, top_p):
+        return sample_bits(logits, uniform, cfg, tau, top_p, self.head_piece.top_k)
 
     def next_input(self, si, bits, summed):
         out = self.next_pieces[si](bits, summed)

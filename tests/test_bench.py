@@ -1,0 +1,204 @@
+"""``toprovar bench`` and the profiled per-scale x per-piece timing (CPU, tiny model).
+
+The pieces of a scale are timed between marks placed between them (``_Timer.lap``), so they must add up
+to the scale's own start..stop time; a backend or policy made slow on purpose must show up in its piece;
+profiling must not change a single bit of the result.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toprovar.benchmark.breakdown import breakdown_rows, check_pieces, piece_totals
+from toprovar.benchmark.e2e import build_policy, operating_point
+from toprovar.cli import main
+from toprovar.pipeline import Pipeline
+from toprovar.policy import POLICIES, make_policy
+from toprovar.runtime.orchestrator import PIECES
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_KEYS = {"latency", "scale_ms", "stage_ms", "piece_ms", "piece_total_ms", "piece_check", "tokens", "kept",
+            "relative_flops", "flops", "scale_kept_fraction", "skipped_scales", "policy"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load("tiny", seed=0)
+
+
+def _text(pipe):
+    return pipe.text_encoder.encode(["two red circles left of a blue square"])
+
+
+def _pinned(pipe):
+    return build_policy("toprovar", pipe.cfg.depth, None, 7)
+
+
+def _pruned_scales(res) -> set[int]:
+    return {si for si, ks in res.trace.kept.items() if any(0 < k < res.trace.tokens[si] for k in ks)}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--runs", "1", "--warmup", "0",
+                 "--policies", "none,toprovar", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    js, md = tmp_path / "e2e_tiny.json", tmp_path / "e2e_tiny.md"
+    assert str(js) in out and str(md) in out
+    data = json.loads(js.read_text())
+    assert {"model", "resolution", "dtype", "batch", "cfg", "cuda_graphs", "peak_tflops", "operating_point", "runs",
+            "environment", "note", "device", "timing"} <= set(data)
+    assert (data["model"], data["resolution"], data["dtype"], data["device"], data["timing"]) == (
+        "tiny", 64, "float32", "cpu", "perf_counter")
+    assert data["operating_point"] == operating_point(4, 7)
+    assert {"torch", "cuda", "python", "device", "driver"} <= set(data["environment"])
+    assert set(data["runs"]) == {"none", "toprovar"}
+    for name, run in data["runs"].items():
+        assert RUN_KEYS <= set(run), name
+        assert len(run["scale_ms"]) == 7 and set(run["stage_ms"]) == {"condition", "decode"}
+        assert sorted(int(k) for k in run["piece_ms"]) == list(range(7))
+        assert run["piece_check"] == [], run["piece_check"]
+        assert run["latency"]["runs"] == 1 and run["latency"]["median_ms"] > 0
+    top = data["runs"]["toprovar"]
+    assert {"replay_latency", "policy_overhead_ms", "report"} <= set(top)
+    assert top["relative_flops"] < 1.0 and top["report"]["D"] == 3
+    pruned = {int(si) for si, d in top["piece_ms"].items() if "pruned" in d}
+    assert pruned == {3, 4, 5, 6}
+    assert not any("pruned" in d or "gather_scatter" in d for d in data["runs"]["none"]["piece_ms"].values())
+
+    text = md.read_text()
+    assert text.startswith("# End to end, tiny 64px fp32, batch 1 + CFG (median of 1, perf_counter)")
+    assert "| policy | latency ms | speedup | rel. FLOPs |" in text
+    for name in ("none", "toprovar"):
+        assert f"## Where the time goes: {name}" in text
+    sec = text.split("## Where the time goes: toprovar")[1]
+    header = next(ln for ln in sec.splitlines() if ln.startswith("| scale |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[:4] == ["scale", "tokens", "kept", "scale ms"] and cols[-1] == "pieces sum"
+    assert {"dense", "pruned", "policy", "gather_scatter", "head", "sampling", "next_input"} <= set(cols)
+    rows = [ln for ln in sec.splitlines() if ln.startswith("| ") and not ln.startswith("| scale |")]
+    assert [r.split("|")[1].strip() for r in rows] == [str(i) for i in range(7)] + [
+        "all scales", "text conditioning", "VAE decode"]
+
+
+def test_cli_bench_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--policies", "none,nope",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"toprovar: error: --policies: unknown policy 'nope'; choose from {sorted(POLICIES)}"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_script_and_common_use_the_package(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # bench/e2e.py puts bench/ on sys.path
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = str(ROOT / "bench" / "results")
+    assert mod.translate(["--model", "infinity-8b", "--out", "e2e_8b_eager", "--no-cuda-graphs"]) == [
+        "bench", "--out", results, "--model", "infinity-8b", "--name", "e2e_8b_eager", "--no-cuda-graphs"]
+    assert mod.translate(["--out=x"]) == ["bench", "--out", results, "--name=x"]
+    import common  # bench/common.py, importable once bench/e2e.py has run
+    from toprovar.benchmark import common as pkg
+    assert common.time_cuda is pkg.time_cuda and common.environment is pkg.environment
+    assert common.RESULTS == ROOT / "bench" / "results"
+    sys.modules.pop("common", None)
+
+
+# ------------------------------------------------------------------------------------------ per-piece timing
+@pytest.mark.parametrize("policy", ["none", "toprovar-pinned", "fastvar-public"])
+def test_pieces_sum_to_scale_time(pipe, policy):
+    text, lengths = _text(pipe)
+    pol = _pinned(pipe) if policy == "toprovar-pinned" else make_policy(policy)
+    res = pipe.generate_from_features(text, lengths, seed=3, policy=pol, profile=True, progress=False)
+    assert len(res.scale_ms) == len(res.bits) and sorted(res.piece_ms) == list(range(len(res.bits)))
+    for si, total in enumerate(res.scale_ms):
+        pieces = res.piece_ms[si]
+        assert set(pieces) <= set(PIECES) and all(v >= 0 for v in pieces.values())
+        assert list(pieces) == [p for p in PIECES if p in pieces]  # report order
+        s = sum(pieces.values())
+        assert abs(s - total) <= max(0.10 * total, 2.0), (si, s, total, pieces)
+        assert {"head", "sampling", "next_input", "other"} <= set(pieces)
+    assert check_pieces(res.scale_ms, res.piece_ms) == []
+    pruned = _pruned_scales(res)
+    with_pruned = {si for si, d in res.piece_ms.items() if "pruned" in d}
+    assert with_pruned == pruned
+    if policy == "none":
+        assert not pruned
+    else:
+        assert pruned, "the policy pruned nothing: the pruned piece is not covered"
+    if policy == "toprovar-pinned":  # gather/scatter exactly where tokens were pruned
+        assert {si for si, d in res.piece_ms.items() if "gather_scatter" in d} == pruned
+        assert pruned == {3, 4, 5, 6}
+    tot = piece_totals(res.piece_ms)
+    assert sum(tot.values()) == pytest.approx(sum(sum(d.values()) for d in res.piece_ms.values()))
+
+
+def test_pieces_attributed_where_the_time_goes(pipe, monkeypatch):
+    """Slowing one piece kind down by a known amount shows up in that piece, not elsewhere."""
+    text, lengths = _text(pipe)
+    pol = _pinned(pipe)
+    pipe.generate_from_features(text, lengths, seed=3, policy=pol, progress=False)  # orchestrator built
+    be = next(iter(pipe._orchestrators.values())).backend
+    delay = {"head_logits": 0.004, "next_input": 0.006}
+
+    def slow(name, fn):
+        def run(*a, **k):
+            time.sleep(delay[name])
+            return fn(*a, **k)
+        return run
+
+    for name in delay:
+        monkeypatch.setattr(be, name, slow(name, getattr(be, name)))
+    keep = pol.keep
+
+    def slow_keep(si, layer, n):  # 3 ms of policy work per layer
+        time.sleep(0.003)
+        return keep(si, layer, n)
+
+    monkeypatch.setattr(pol, "keep", slow_keep)
+    res = pipe.generate_from_features(text, lengths, seed=3, policy=pol, profile=True, progress=False)
+    depth = pipe.cfg.depth
+    for si, d in res.piece_ms.items():
+        assert d["head"] >= 4.0 and d["policy"] >= 3.0 * depth, (si, d)
+        assert d["sampling"] < 4.0 and d["other"] < 3.0, (si, d)
+        assert d["next_input"] >= 6.0, (si, d)
+        assert abs(sum(d.values()) - res.scale_ms[si]) <= max(0.10 * res.scale_ms[si], 2.0)
+
+
+def test_breakdown_rows_from_a_profiled_run(pipe):
+    text, lengths = _text(pipe)
+    res = pipe.generate_from_features(text, lengths, seed=3, policy=_pinned(pipe), profile=True, progress=False)
+    run = json.loads(json.dumps({"tokens": res.trace.tokens, "kept": res.trace.kept, "scale_ms": res.scale_ms,
+                                 "stage_ms": res.stage_ms, "piece_ms": res.piece_ms}))  # as in the JSON file
+    rows = breakdown_rows(run, pipe.cfg.depth)
+    assert [r["scale"] for r in rows] == [str(i) for i in range(7)] + ["all scales", "text conditioning",
+                                                                        "VAE decode"]
+    assert rows[0]["pruned"] == "-" and isinstance(rows[6]["pruned"], float)
+    assert rows[3]["kept"] == pytest.approx(sum(res.trace.kept[3]) / (36 * pipe.cfg.depth))
+    assert rows[7]["scale ms"] == pytest.approx(sum(res.scale_ms))
+    assert rows[7]["pieces sum"] == pytest.approx(sum(sum(d.values()) for d in res.piece_ms.values()))
+
+
+# ------------------------------------------------------------------------------------------ profiling is invisible
+@pytest.mark.parametrize("policy", ["none", "toprovar", "toprovar-pinned", "fastvar"])
+def test_profile_does_not_change_the_result(pipe, policy):
+    text, lengths = pipe.text_encoder.encode(["a red square", "two green triangles"])
+
+    def run(profile):
+        pol = _pinned(pipe) if policy == "toprovar-pinned" else make_policy(policy)
+        return pipe.generate_from_features(text, lengths, seed=5, policy=pol, profile=profile, progress=False)
+
+    a, b = run(False), run(True)
+    assert torch.equal(a.images, b.images)
+    assert len(a.bits) == len(b.bits) and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert a.trace.kept == b.trace.kept
+    assert a.scale_ms == [] and a.stage_ms == {} and a.piece_ms == {}
+    assert len(b.piece_ms) == len(b.bits)

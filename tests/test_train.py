@@ -1,0 +1,141 @@
+"""Training the small model: multiscale BSQ encoding, the autoencoder's checkpoint layout, teacher forcing
+consistent with generation, and a smoke run of tools/train_small.py (CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toprovar.config import get_config
+from toprovar.model.checkpoint import save_state_dict
+from toprovar.model.infinity import build_model
+from toprovar.model.quant import accumulate_codes, quantize_multiscale
+from toprovar.model.rope import rope_tables
+from toprovar.model.vae import BSQAutoencoder, load_vae_decoder
+from toprovar.pipeline import Pipeline
+from toprovar.schedule import get_schedule, rope_grid_side, token_counts
+from toprovar.train.teacher import bit_labels, bitwise_loss, init_for_training, teacher_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULE = get_schedule("0.06M")
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % (2 ** 31))
+
+
+def test_quantize_multiscale_is_the_inverse_of_generation_accumulation():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(3, 16, 16, 16, generator=g) * 0.4
+    bits, f_hat = quantize_multiscale(f, SCHEDULE)
+    assert [tuple(b.shape) for b in bits] == [(3, h, w, 16) for h, w in SCHEDULE]
+    assert all(b.dtype == torch.uint8 and int(b.max()) <= 1 for b in bits)
+    acc = None
+    for b in bits:  # what generation rebuilds from the same bits
+        acc = accumulate_codes(acc, b, SCHEDULE[-1])
+    assert torch.equal(acc, f_hat), f"seed {seed}"
+    # every scale removes energy from the residual: the full encoding beats the first scale alone
+    first = accumulate_codes(None, bits[0], SCHEDULE[-1])
+    assert (f - f_hat).pow(2).mean() < (f - first).pow(2).mean(), f"seed {seed}"
+    with pytest.raises(ValueError, match="last scale"):
+        quantize_multiscale(f[..., :8, :8], SCHEDULE)
+
+
+def test_autoencoder_file_loads_as_an_official_style_vae(tmp_path):
+    torch.manual_seed(fresh_seed())
+    ae = BSQAutoencoder("shapes").eval()
+    path = save_state_dict(ae, tmp_path / "vae.safetensors")
+    dec = load_vae_decoder(path, "shapes")  # drops encoder.* as for official VAE files
+    z = torch.randn(2, 16, 16, 16) * 0.3
+    with torch.no_grad():
+        assert torch.equal(dec(z), ae.decoder(z).clamp(-1, 1))
+        rec, f, f_hat = ae(torch.rand(2, 3, 64, 64) * 2 - 1, SCHEDULE)
+    assert rec.shape == (2, 3, 64, 64) and f.shape == f_hat.shape == (2, 16, 16, 16)
+
+
+def test_autoencoder_straight_through_reaches_the_encoder():
+    ae = BSQAutoencoder("shapes")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    rec, f, f_hat = ae(x, SCHEDULE)
+    (rec - x).pow(2).mean().backward()
+    grads = [p.grad for p in ae.encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_teacher_forcing_matches_greedy_generation():
+    """Greedy generation (temperature -> 0, CFG 1) must pick, at every scale, the argmax of the logits
+    that teacher forcing computes from the same bits: the training inputs are the inference inputs."""
+    pipe = Pipeline.load("tiny", seed=fresh_seed() % 1000)
+    prompts = ["two red circles left of a blue square", "a green triangle"]
+    res = pipe.generate(prompts, seed=1, cfg=1.0, tau=1e-5, top_p=0.0, progress=False)
+    bits = [b.view(len(prompts), h, w, -1) for b, (h, w) in zip(res.bits, SCHEDULE)]
+    text, lengths = pipe.text_encoder.encode(prompts)
+    m = pipe.model
+    with torch.no_grad():
+        cond, ada, ca_kv, lens = m.condition(text, lengths, cfg=False)
+        x = teacher_inputs(m, cond, bits, SCHEDULE)
+        ropes = rope_tables(m.cfg.head_dim, SCHEDULE, rope_grid_side(1.0))
+        logits = m.forward_teacher(cond, ada, ca_kv, lens, x, ropes, token_counts(SCHEDULE))
+    agree = (logits.argmax(-1) == bit_labels(bits)).float().mean().item()
+    assert agree >= 0.999, agree
+
+
+def test_bitwise_loss_weights_scales_by_sqrt_tokens():
+    counts = token_counts(SCHEDULE)
+    g = torch.Generator().manual_seed(fresh_seed())
+    logits = torch.randn(2, sum(counts), 16, 2, generator=g)
+    labels = torch.randint(0, 2, (2, sum(counts), 16), generator=g)
+    loss, per_scale = bitwise_loss(logits, labels, counts)
+    ce = F.cross_entropy(logits.double().reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
+    want = [c.mean() for c in ce.split(counts, dim=1)]
+    w = [math.sqrt(n) for n in counts]
+    ref = sum(wi * v for wi, v in zip(w, want)) / sum(w)
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(per_scale.double(), torch.stack(want), atol=1e-5)
+
+
+def test_training_steps_fit_a_fixed_batch():
+    cfg = get_config("tiny")
+    torch.manual_seed(fresh_seed())
+    model = init_for_training(build_model(cfg, seed=None))
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(0, 2, (cfg.token_bits,), generator=g, dtype=torch.uint8)  # a learnable target
+    bits = [pattern.expand(2, h, w, -1).clone() for h, w in SCHEDULE]
+    text = torch.randn(2, 8, cfg.text_channels, generator=g)
+    lengths = torch.tensor([8, 5], dtype=torch.int32)
+    ropes = rope_tables(cfg.head_dim, SCHEDULE, rope_grid_side(1.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        cond, ada, ca_kv, lens = model.condition(text, lengths, cfg=False)
+        logits = model.forward_teacher(cond, ada, ca_kv, lens, teacher_inputs(model, cond, bits, SCHEDULE), ropes,
+                                       token_counts(SCHEDULE))
+        loss, _ = bitwise_loss(logits, bit_labels(bits), token_counts(SCHEDULE))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.6 and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_small_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_small", ROOT / "tools" / "train_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "w"
+    assert mod.main(["--model", "tiny", "--device", "cpu", "--images", "48", "--batch", "2", "--tokenizer-steps", "3", "--steps", "3",
+                     "--eval-prompts", "4", "--log-every", "1", "--out", str(out)]) == 0
+    for name in ("model.safetensors", "vae.safetensors", "text_encoder.safetensors", "train_config.json",
+                 "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    pipe = Pipeline.load("tiny", weights=str(out))
+    assert not pipe.random_weights and pipe.text_encoder.label == "tiny (trained)"
+    assert pipe.generate(["a red circle"], progress=False).images.shape == (1, 3, 64, 64)
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        Pipeline.load("tiny", weights=str(tmp_path / "missing"))

@@ -1,0 +1,281 @@
+"""Train the project's small text-to-image VAR model on the procedural shapes dataset.
+
+Two stages, both on one GPU in about ten minutes on an H100 (CPU works for smoke runs):
+  1. the BSQ tokenizer (``BSQAutoencoder``, VAE config ``shapes``): 64x64 images <-> 7-scale bit maps;
+  2. the Infinity transformer (model config ``shapes``) with its byte-level T5 text encoder, teacher-forced
+     on the tokenized images, 10% of the prompts replaced by the learned empty text (classifier-free guidance).
+
+Writes to --out (default: the packaged weights directory, toprovar/weights/shapes): model.safetensors,
+vae.safetensors, text_encoder.safetensors (bfloat16; EMA weights), train_config.json (arguments, versions,
+steps, final losses, held-out checker accuracy) and train_log.jsonl (one line per logged step).
+
+    python tools/train_small.py --device cuda
+    python tools/train_small.py --device cpu --images 512 --tokenizer-steps 5 --steps 5 --out /tmp/smoke
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from toprovar.config import get_config
+from toprovar.eval.checker import evaluate
+from toprovar.eval.shapes import make_dataset
+from toprovar.model.checkpoint import atomic_write, load_into, save_state_dict
+from toprovar.model.infinity import build_model
+from toprovar.model.rope import rope_tables
+from toprovar.model.text import ByteTokenizer, tiny_text_encoder, tokenize_batch
+from toprovar.model.vae import BSQAutoencoder
+from toprovar.pipeline import Pipeline, resolve_schedule, to_uint8
+from toprovar.schedule import rope_grid_side, token_counts
+from toprovar.train.teacher import bit_labels, bitwise_loss, init_for_training, teacher_inputs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="shapes", help="model config (default: shapes)")
+    p.add_argument("--out", default=None, help="output directory (default: the config's packaged weights dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=100_000, help="training images (dataset seed = --seed)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--tokenizer-steps", type=int, default=3000)
+    p.add_argument("--tokenizer-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=8000, help="transformer steps")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of prompts replaced by the empty text")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of the transformer stage: at step 70 the schedule's length becomes "
+                        "min(--steps, what fits in the budget at the speed of steps 20-70); the log records it")
+    p.add_argument("--resume", default=None,
+                   help="a previous run's output directory: its tokenizer is reused (stage 1 skipped) and the "
+                        "transformer and text encoder start from its weights (fresh optimizer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
+    p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored by the checker at the end")
+    p.add_argument("--log-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class Logger:
+    """Appends one JSON line per record to train_log.jsonl (written atomically at the end)."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def log(self, **rec) -> None:
+        rec["time_s"] = round(time.perf_counter() - self.t0, 2)
+        self.lines.append(rec)
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.lines)))
+
+
+def train_tokenizer(args, images: torch.Tensor, schedule, log: Logger) -> BSQAutoencoder:
+    """Stage 1: reconstruction (L1 + MSE) through the straight-through multiscale BSQ, plus commitment."""
+    cfg = get_config(args.model)
+    torch.manual_seed(args.seed)
+    ae = BSQAutoencoder(cfg.vae).to(args.device).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    bar = tqdm(range(args.tokenizer_steps), desc="tokenizer", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.tokenizer_steps, args.tokenizer_lr, 200)
+        x = images[torch.randint(len(images), (args.batch,), generator=gen).to(images.device)]
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+            rec, f, f_hat = ae(x, schedule)
+        rec = rec.float()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 0.25 * (f - f_hat.detach()).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.tokenizer_steps - 1:
+            mse = (rec.detach().clamp(-1, 1) - x).pow(2).mean().item()
+            psnr = 10 * math.log10(4 / max(mse, 1e-12))
+            log.log(stage="tokenizer", step=step, loss=round(loss.item(), 5), psnr_db=round(psnr, 2))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+    return ae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def tokenize_all(ae: BSQAutoencoder, images: torch.Tensor, schedule, batch: int = 1024) -> list[torch.Tensor]:
+    """Bits per scale for every image: list of (n, h, w, d) uint8 on the images' device."""
+    parts = [ae.tokenize(images[i:i + batch], schedule)[0] for i in range(0, len(images), batch)]
+    return [torch.cat([p[k] for p in parts]) for k in range(len(schedule))]
+
+
+@torch.no_grad()
+def reconstruct(ae: BSQAutoencoder, images: torch.Tensor, schedule) -> torch.Tensor:
+    """Decoded multiscale-quantized images (n, 3, H, W) in [-1, 1]: the ceiling for generation."""
+    return torch.cat([ae.decoder(ae.tokenize(images[i:i + 512], schedule)[2]).clamp(-1, 1)
+                      for i in range(0, len(images), 512)])
+
+
+def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedule, log: Logger):
+    """Stage 2: the transformer and its text encoder, teacher-forced; returns their EMA copies."""
+    cfg = get_config(args.model)
+    dev = torch.device(args.device)
+    model = init_for_training(build_model(cfg, seed=args.seed))
+    text = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=args.seed).encoder
+    if args.resume:
+        model.load_checkpoint(Path(args.resume) / "model.safetensors")
+        load_into(text, Path(args.resume) / "text_encoder.safetensors")
+    model, text = model.to(dev), text.to(dev).train().requires_grad_(True)
+    ids, mask = tokenize_batch(ByteTokenizer(), prompts, cfg.text_maxlen, "shapes")
+    ids, mask = ids.to(dev), mask.to(dev)
+    params = list(model.parameters()) + list(text.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
+    ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
+    ropes = [r.to(dev) for r in rope_tables(cfg.head_dim, schedule, rope_grid_side(1.0))]
+    counts = token_counts(schedule)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    def forward(ids_b, m, drop, b_bits):
+        """Teacher-forced loss of one batch (the text encoder runs here too: it is trained)."""
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            feats = text(input_ids=ids_b, attention_mask=m)["last_hidden_state"].float()
+            feats = torch.where(drop[:, None, None], model.cfg_uncond[:ids_b.shape[1]].float().unsqueeze(0), feats)
+            cond, ada, ca_kv, lengths = model.condition(feats, m.sum(1).to(torch.int32), cfg=False)
+            x = teacher_inputs(model, cond, b_bits, schedule)
+            logits = model.forward_teacher(cond, ada, ca_kv, lengths, x, ropes, counts)
+        return bitwise_loss(logits, bit_labels(b_bits), counts)
+
+    step_fn = torch.compile(forward) if args.compile else forward
+    total, t_start, done = args.steps, time.perf_counter(), 0
+    bar = tqdm(total=total, desc="transformer", unit="step")
+    step = 0
+    while step < total:
+        if args.minutes is not None and step in (20, 70):  # steady-state speed, after compilation
+            if step == 20:
+                t20 = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - t20) / 50
+                left = 60 * args.minutes - (time.perf_counter() - t_start)
+                total = max(71, min(args.steps, 70 + int(left / per_step)))
+                bar.total = total
+                log.log(stage="transformer", step=step, schedule_steps=total, seconds_per_step=round(per_step, 4),
+                        reason=f"--minutes {args.minutes}")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.lr, args.warmup)
+        idx = torch.randint(len(ids), (args.batch,), generator=gen).to(dev)
+        m = mask[idx]  # padded to the dataset's longest prompt: static shapes, no device read
+        b_bits = [b[idx] for b in bits]
+        drop = torch.rand(args.batch, device=dev) < args.cfg_drop
+        try:
+            loss, per_scale = step_fn(ids[idx], m, drop, b_bits)
+        except Exception as exc:  # a compiler failure must not cost the run: continue eagerly
+            if step_fn is forward:
+                raise
+            log.log(stage="transformer", step=step, compile_failed=str(exc).splitlines()[0][:300])
+            step_fn = forward
+            loss, per_scale = step_fn(ids[idx], m, drop, b_bits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        done = step = step + 1
+        bar.update(1)
+        if (step - 1) % args.log_every == 0 or step == total:
+            ps = [round(v, 4) for v in per_scale.tolist()]
+            log.log(stage="transformer", step=step - 1, loss=round(loss.item(), 5), per_scale=ps,
+                    lr=round(opt.param_groups[0]["lr"], 7))
+            bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{ps[-1]:.3f}")
+    bar.close()
+    return ema_model.eval().requires_grad_(False), ema_text.requires_grad_(False), done
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    if torch.cuda.is_available():
+        out.update(cuda=torch.version.cuda, device=torch.cuda.get_device_name(0))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = get_config(args.model)
+    out = Path(args.out) if args.out else cfg.weights_dir
+    if out is None:
+        sys.exit(f"--out: model {args.model} has no packaged weights directory; pass --out")
+    schedule = resolve_schedule(cfg, None, 1.0)
+    log = Logger()
+    t0 = time.perf_counter()
+    images_np, prompts, _ = make_dataset(args.images, args.seed)
+    images = to_tensor(images_np, args.device)
+    log.log(stage="data", images=len(prompts), seconds=round(time.perf_counter() - t0, 1))
+
+    if args.resume:
+        ae = BSQAutoencoder(cfg.vae)
+        load_into(ae, Path(args.resume) / "vae.safetensors")
+        ae = ae.to(args.device).eval().requires_grad_(False)
+        log.log(stage="tokenizer", resumed_from=str(args.resume))
+    else:
+        ae = train_tokenizer(args, images, schedule, log)
+    bits = tokenize_all(ae, images, schedule)
+    del images
+    model, text, steps_done = train_transformer(args, bits, prompts, schedule, log)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model, out / "model.safetensors", dtype=torch.bfloat16)
+    save_state_dict(ae, out / "vae.safetensors", dtype=torch.bfloat16)
+    save_state_dict(text, out / "text_encoder.safetensors", dtype=torch.bfloat16)
+
+    # held-out evaluation from the saved files (what a user loads): tokenizer ceiling and generation
+    ev_images, ev_prompts, ev_scenes = make_dataset(args.eval_prompts, args.seed + 1000)
+    pipe = Pipeline.load(args.model, weights=str(out), device=args.device)
+    ae_rec = to_uint8(reconstruct(ae.float(), to_tensor(ev_images, args.device), schedule))
+    gen = np.concatenate([to_uint8(pipe.generate(ev_prompts[i:i + 50], seed=i, progress=False).images)
+                          for i in range(0, len(ev_prompts), 50)])
+    specs = [s.spec for s in ev_scenes]
+    previous = json.loads((Path(args.resume) / "train_config.json").read_text()) if args.resume else None
+    summary = {
+        "args": vars(args), "versions": versions(), "schedule": schedule, "resumed_from": previous,
+        "transformer_steps_done": steps_done, "train_seconds": round(time.perf_counter() - t0, 1),
+        "final": next((r for r in reversed(log.lines) if r.get("stage") == "transformer" and "loss" in r), None),
+        "eval_seed": args.seed + 1000,
+        "checker_ground_truth": evaluate(list(ev_images), specs)["overall"],
+        "checker_tokenizer_reconstruction": evaluate(list(ae_rec), specs)["overall"],
+        "checker_generated": {k: v for k, v in evaluate(list(gen), specs).items() if k != "correct"},
+        "files_bytes": {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))},
+    }
+    log.save(out / "train_log.jsonl")
+    atomic_write(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(json.dumps({k: summary[k] for k in ("transformer_steps_done", "train_seconds", "checker_ground_truth",
+                                               "checker_tokenizer_reconstruction", "checker_generated")}, indent=1))
+    print(out / "train_config.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

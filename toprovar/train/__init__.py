@@ -1,0 +1,1 @@
+"""Training the project's small models: the shapes tokenizer and transformer (``tools/train_small.py``)."""

@@ -8,7 +8,8 @@ unpruned image of the same prompt and seed, the kept-token fraction and the FLOP
 (from shapes, ``policy_report``). ToProVAR reads its parameters from the model's calibration file
 (``toprovar calibrate``; toprovar/weights/shapes/calibration.json).
 
-Writes bench/results/quality_shapes.{json,md} and quality_shapes.png (accuracy and SSIM vs FLOPs).
+Writes bench/results/quality_shapes.{json,md}, quality_shapes.png (accuracy and SSIM vs FLOPs) and
+quality_shapes_entropy.png (the calibration's rho_s curve and per-layer sigma1/sigma2 and R).
 
     python bench/quality.py                 # CPU is enough (a few minutes per 100 prompts x settings)
     python bench/quality.py --device cuda --prompts 400
@@ -109,6 +110,33 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_entropy(calibration: dict, path: Path) -> None:
+    """The calibration's entropy patterns: mean entropy and rho_s per scale, sigma1/sigma2 and R per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ps, ly = calibration["per_scale"], calibration["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    x = range(len(ps["rho"]))
+    axes[0].plot(x, ps["rho"], marker="o", label="rho_s (fraction below the scale's mean entropy)")
+    axes[0].axhline(calibration["policy"]["tau"], color="gray", linestyle="--", label=f"tau = {calibration['policy']['tau']:g}")
+    ax2 = axes[0].twinx()
+    ax2.plot(x, ps["mean_entropy"], marker="s", color="tab:orange", label="mean entropy (nats)")
+    axes[0].set_xlabel("scale index")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8, loc="lower left")
+    ax2.legend(fontsize=8, loc="lower right")
+    layers = range(len(ly["ratio"]))
+    axes[1].bar(layers, ly["ratio"], label="sigma1/sigma2 (centred entropy map, rep. scale)")
+    axes[1].plot(layers, ly["score"], marker="o", color="tab:red", label="R = exp(-beta (ratio - 1))")
+    axes[1].set_xlabel("layer")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"entropy patterns of the {calibration['model']} model ({calibration['prompts']} calibration prompts)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def markdown(data: dict) -> str:
     cats = list(CATEGORIES)
     lines = [f"# Quality vs compute on the trained shapes model ({data['device']})", "",
@@ -188,7 +216,8 @@ def main(argv=None) -> int:
     atomic_write(out / "quality_shapes.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
     atomic_write(out / "quality_shapes.md", lambda tmp: Path(tmp).write_text(markdown(data)))
     plot(rows, out / "quality_shapes.png")
-    for name in ("quality_shapes.json", "quality_shapes.md", "quality_shapes.png"):
+    plot_entropy(calibration, out / "quality_shapes_entropy.png")
+    for name in ("quality_shapes.json", "quality_shapes.md", "quality_shapes.png", "quality_shapes_entropy.png"):
         print(out / name)
     return 0
 

@@ -133,7 +133,8 @@ class ToProVARPolicy(Policy):
         if self.ent is None or self.ent.numel() != n:
             return None
         r = 1.0 if c.stage == "scale-token" else self.R[layer]
-        phi_r = torch.tensor([scale_factor(si, self.S) * r], dtype=torch.float32, device=self.ent.device)
+        # a fill kernel, not torch.tensor(..., device=): a pageable host-to-device copy would sync the stream
+        phi_r = torch.full((1,), scale_factor(si, self.S) * r, dtype=torch.float32, device=self.ent.device)
         _, k_t, order = self.piece(self.ent, phi_r)
         floor = min_kept(n, c.k_min, c.bucket)
         if c.keep_fraction is None:

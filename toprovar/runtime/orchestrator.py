@@ -85,9 +85,13 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
     return vals[:n]
 
 
-def uniform_noise(gen: torch.Generator, batch: int, n: int, bits: int, device: torch.device) -> torch.Tensor:
-    """Sampling noise (B, n, bits) float32 drawn on the CPU (same stream for every backend/device)."""
-    return torch.rand(batch, n, bits, generator=gen).to(device)
+def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits: int,
+                  device: torch.device) -> list[torch.Tensor]:
+    """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
+    stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
+    from pageable memory synchronises the stream, so a copy per scale would stall the launch queue."""
+    flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts]).to(device)
+    return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
 
 
 class Orchestrator:
@@ -158,8 +162,10 @@ class Orchestrator:
                                       text_len=int(ca_kv.shape[1])), []
         bits_all = torch.empty(B, total, sp.token_bits, device=dev)
         policy.start(GenerationInfo(self.schedule, sp.depth, B, dev))
-        scalar = lambda v: torch.tensor([v], dtype=torch.float32, device=dev)  # noqa: E731
-        top_p_t = scalar(top_p)
+        # per-scale scalars and noise moved to the device once (each pageable copy synchronises the stream)
+        cfg_t, tau_t = (torch.tensor(v, dtype=torch.float32).to(dev) for v in (cfgs, taus))
+        top_p_t = torch.tensor([top_p], dtype=torch.float32).to(dev)
+        noise = uniform_noise(gen, B, [h * w for h, w in self.schedule], sp.token_bits, dev)
         x = self.ws.view("x", x0.shape, torch.float32)
         x.copy_(x0)
         off = 0
@@ -233,15 +239,15 @@ class Orchestrator:
                     if want:
                         policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
                         lap(si, "policy")
-                uniform = uniform_noise(gen, B, n, sp.token_bits, dev)
+                uniform = noise[si]
                 lap(si, "sampling")
                 if split_head:
                     logits = be.head_logits(si, x, cond)
                     lap(si, "head")
-                    bits = be.head_sample(si, logits, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                    bits = be.head_sample(si, logits, uniform, cfg_t[si:si + 1], tau_t[si:si + 1], top_p_t)
                     lap(si, "sampling")
                 else:
-                    bits = be.head(si, x, cond, uniform, scalar(cfgs[si]), scalar(taus[si]), top_p_t)
+                    bits = be.head(si, x, cond, uniform, cfg_t[si:si + 1], tau_t[si:si + 1], top_p_t)
                     lap(si, "head")
                 dst = bits_all[:, off:off + n]
                 dst.copy_(bits)

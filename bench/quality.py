@@ -76,6 +76,14 @@ def run_setting(pipe: Pipeline, prompts: list[str], policy: Policy) -> tuple[np.
     return np.stack(images), reports
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (results name no machine's paths)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Piecewise-linear value at x of (flops, value) points; None outside their range."""
     pts = sorted(points)
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
     data = {
         "model": args.model, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU",
         "versions": {"torch": torch.__version__, "numpy": np.__version__}, "n_prompts": len(prompts),
-        "eval_seed": eval_seed, "calibration_path": str(cal_path), "calibration_policy": calibration["policy"],
+        "eval_seed": eval_seed, "calibration_path": _relative(cal_path), "calibration_policy": calibration["policy"],
         "ground_truth_accuracy": evaluate(list(gt_images), specs)["overall"],
         "chance_accuracy": chance_accuracy(list(gt_images), specs, seed=args.seed)["overall"],
         "rows": rows, "matched": matched, "seconds": time.perf_counter() - t0,

@@ -71,7 +71,8 @@ def _describe(cover: np.ndarray) -> tuple[float, float, float, float]:
     cols, rows = cover.max(0), cover.max(1)
     above = np.interp(cy, np.arange(len(rows) + 1), np.r_[0, cover.sum(1).cumsum()])  # rows cut at cy
     taper = above / max(cover.sum() - above, 1e-6)
-    return float(cover.sum() / (cols.sum() * rows.sum())), float(taper), float(cx), float(cy)
+    area = cols.sum() * rows.sum()  # 0 when the median filter erased a thin component: fill 0, not 0/0
+    return float(cover.sum() / area) if area > 0 else 0.0, float(taper), float(cx), float(cy)
 
 
 def _kind(fill: float, taper: float) -> str:

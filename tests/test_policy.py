@@ -384,7 +384,7 @@ def test_pruned_execution_equals_explicit_gather_run_scatter(pipe, cfg):
                 assert torch.equal(x_new[:, untouched], x[:, untouched])  # pruned tokens pass unchanged
                 x = x_new
         torch.testing.assert_close(be.head_x[si], x, atol=1e-5, rtol=1e-5, msg=f"scale {si}, seed {seed}")
-        bits = head(x, cond, uniform_noise(gen, 1, h * w, pipe.cfg.token_bits, torch.device("cpu")),
+        bits = head(x, cond, uniform_noise(gen, 1, [h * w], pipe.cfg.token_bits, torch.device("cpu"))[0],
                     torch.tensor([3.0]), one, torch.tensor([pipe.cfg.top_p]))
         assert torch.equal(bits, res.bits[si]), f"bits differ at scale {si}, seed {seed}"
         out = NextInputPiece(model, sched, si)(bits, summed)

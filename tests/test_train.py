@@ -154,3 +154,24 @@ def test_packaged_shapes_model_follows_prompts():
     images = to_uint8(pipe.generate([prompt_of(s) for s in specs], seed=seed, progress=False).images)
     acc = evaluate(list(images), specs)["overall"]
     assert acc >= 0.5, (acc, seed, [prompt_of(s) for s in specs])
+
+
+def test_export_uses_the_trained_weights(tmp_path):
+    """`toprovar-export --model shapes` exports the packaged trained weights, not random ones: the exported
+    text encoder (ONNX Runtime) reproduces the trained encoder's features; the manifest says so."""
+    import json
+    ort = pytest.importorskip("onnxruntime")
+    from toprovar.export.onnx_export import ExportRequest, export_model
+    from toprovar.model.text import ByteTokenizer, tokenize_batch
+    manifest = export_model(ExportRequest(model="shapes", out=str(tmp_path), only=["text_encoder", "vae_decoder"],
+                                          progress=False))
+    assert manifest["random_weights"] is False and manifest["text_encoder"]["source"].endswith("text_encoder.safetensors")
+    assert json.loads((tmp_path / "manifest.json").read_text())["vae"]["source"].endswith("vae.safetensors")
+    pipe = Pipeline.load("shapes")
+    prompts = ["four purple squares", "a red circle above a green triangle"]
+    ids, mask = tokenize_batch(ByteTokenizer(), prompts, 64, "shapes")
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    (hidden,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    ref, lengths = pipe.text_encoder.encode(prompts)
+    for i, n in enumerate(lengths.tolist()):  # padding rows are masked downstream
+        np.testing.assert_allclose(hidden[i, :n], ref[i, :n].numpy(), atol=1e-4, rtol=1e-4)

@@ -37,6 +37,18 @@ class ModelConfig:
         from pathlib import Path
         return Path(__file__).parent / "weights" / self.weights if self.weights else None
 
+    def weight_files(self, weights_dir=None, checkpoint=None) -> dict | None:
+        """Files of a trained small model's weights directory (``weights_dir``, else the packaged one unless a
+        ``checkpoint`` is given): {"model", "vae", "text_encoder"} paths, or None when there is none to use.
+        A missing directory is a FileNotFoundError naming it."""
+        from pathlib import Path
+        d = Path(weights_dir) if weights_dir else (self.weights_dir if checkpoint is None else None)
+        if d is None:
+            return None
+        if not d.is_dir():
+            raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py)")
+        return {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
+
     def packaged_calibration(self, weights_dir=None):
         """``calibration.json`` of the weights directory (given, else packaged) when it exists: the model's
         default ToProVAR operating point; None otherwise."""

@@ -83,13 +83,10 @@ class Pipeline:
         tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
         """
         cfg = get_config(model)
-        text_weights = None
-        wdir = Path(weights) if weights else (cfg.weights_dir if checkpoint is None else None)
-        if wdir is not None:
-            if not wdir.is_dir():
-                raise FileNotFoundError(f"--weights: {wdir} is not a directory (train it: python tools/train_small.py)")
-            checkpoint, vae = str(wdir / "model.safetensors"), vae or str(wdir / "vae.safetensors")
-            text_weights = wdir / "text_encoder.safetensors"
+        files = cfg.weight_files(weights, checkpoint)
+        text_weights = files["text_encoder"] if files else None
+        if files:
+            checkpoint, vae = files["model"], vae or files["vae"]
         # random weights are drawn on the CPU so a seed gives the same model on every device
         net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
         if checkpoint:

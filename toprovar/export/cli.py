@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .onnx_export import DEFAULT_OPSET, DTYPES
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=["tiny", "infinity-2b", "infinity-8b"])
+    g.add_argument("--model", default="tiny", choices=["tiny", "shapes", "infinity-2b", "infinity-8b"],
+                   help="shapes loads its packaged trained weights (or --weights DIR)")
+    g.add_argument("--weights", default=None, help="weights directory of a trained small model (model/vae/"
+                                                     "text_encoder .safetensors, tools/train_small.py)")
     g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); default: random")
     g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors); default: random")
     g.add_argument("--t5", default=None, help="local T5 directory for the text_encoder piece (real models; "
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             req = ExportRequest(model=args.model, out=str(out), checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                                 resolution=args.resolution, h_div_w=args.h_div_w, dtype=args.dtype, opset=args.opset,
-                                onnx_dir=args.onnx_dir, calibration=args.calibration, weights_seed=args.weights_seed,
+                                onnx_dir=args.onnx_dir, calibration=args.calibration, weights_seed=args.weights_seed, weights=args.weights,
                                 batch_size=args.batch_size,
                                 max_batch_size=args.max_batch_size or max(4, args.batch_size),
                                 only=args.pieces, jobs=args.jobs, verbose=args.verbose,

@@ -275,6 +275,8 @@ class ExportRequest:
     onnx_dir: str | None = None
     calibration: str | None = None
     weights_seed: int = 0
+    weights: str | None = None      # a trained small model's weights directory (default: the packaged one)
+    text_weights: str | None = None  # set from the weights directory: the tiny text encoder's trained weights
     batch_size: int = 1
     max_batch_size: int = 4
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
@@ -323,10 +325,11 @@ def load_text_encoder(req: ExportRequest, cfg):
                                                                   "max_length": cfg.text_maxlen,
                                                                   "dtype": str(dt).removeprefix("torch.")}
     if cfg.text_encoder == "tiny":
-        te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=req.weights_seed)
+        te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=req.weights_seed, weights=req.text_weights)
+        source = req.text_weights or f"random (seed {req.weights_seed})"
         return te.encoder.eval(), ByteTokenizer.vocab_size, {"kind": "tiny", "tokenizer": "bytes+3 (0 pad, 1 eos)",
                                                              "max_length": cfg.text_maxlen, "dtype": "float32",
-                                                             "seed": req.weights_seed}
+                                                             "source": source}
     return None, 0, None
 
 
@@ -392,6 +395,10 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
     if req.max_batch_size < req.batch_size:
         raise ExportError(f"--max-batch-size {req.max_batch_size} is smaller than --batch-size {req.batch_size}")
     cfg = get_config(req.model)
+    files = cfg.weight_files(req.weights, req.checkpoint)
+    if files:  # a trained small model: its directory supplies all three weight files
+        req = dataclasses.replace(req, checkpoint=files["model"], vae=req.vae or files["vae"],
+                                  text_weights=files["text_encoder"])
     preset, schedule = resolve_schedule(cfg, req.resolution, req.h_div_w)
     pol, policy, min_tokens = load_policy(req.calibration, schedule)
     st = P.ExportSettings(schedule=schedule, dtype=DTYPES[req.dtype], batch_size=req.batch_size,

@@ -230,8 +230,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    p.add_argument("-o", "--output", default=None, help="calibration JSON (default: calibration.json in the weights "
-                   "directory of a model with one, else calibration/<model>.json)")
+    p.add_argument("-o", "--output", default=None, help="calibration JSON (default: calibration.json in --weights "
+                   "DIR when given, else calibration/<model>.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="prompts per generation")
     p.add_argument("--cfg", type=_floats, default=None)
@@ -276,8 +276,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = calibrate(pipe, prompts, config, seed=args.seed, batch=args.batch, resolution=args.resolution,
                      h_div_w=args.h_div_w, cfg=args.cfg, tau=args.tau, top_p=args.top_p, tau_rule=args.tau_rule,
                      tau_target=args.tau_target, tau_band=args.tau_band, beta=args.beta, progress=True)
-    wdir = args.weights or (pipe.cfg.weights_dir if not args.checkpoint else None)
-    out = args.output or (f"{wdir}/calibration.json" if wdir else f"calibration/{args.model}.json")
+    out = args.output or (f"{args.weights}/calibration.json" if args.weights else f"calibration/{args.model}.json")
     path = write_calibration(out, data)
     pol = data["policy"]
     print(f"tau {pol['tau']:.3f} ({data['tau_rule']['rule']}), beta {pol['beta']:.4g}, D over prompts "

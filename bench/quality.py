@@ -55,6 +55,15 @@ def settings(calibration: dict) -> list[tuple[str, str, Policy]]:
         out.append(("toprovar-scale-layer", f"D={d}", tp("scale-layer", fixed_depth=d)))
     for d in (3, 5):
         out.append(("toprovar-scale-token", f"D={d}", tp("scale-token", fixed_depth=d)))
+    # restore=True: pruned tokens get the layer's resized previous-scale update (FastVAR-style) instead of
+    # passing the layer unchanged; the same settings, to isolate that one difference
+    out.append(("toprovar+restore", "calibrated", tp("full", restore=True)))
+    for d in (4, 5):
+        out.append(("toprovar+restore", f"D={d}", tp("full", fixed_depth=d, restore=True)))
+    for d in (3, 5):
+        out.append(("toprovar-scale-layer+restore", f"D={d}", tp("scale-layer", fixed_depth=d, restore=True)))
+    for d in (3, 5):
+        out.append(("toprovar-scale-token+restore", f"D={d}", tp("scale-token", fixed_depth=d, restore=True)))
     for r in (0.25, 0.5, 0.75):
         out.append(("fastvar", f"last two scales at {r:g}",
                     FastVARPolicy(FastVARConfig(ratios={-2: r, -1: r}, cache_scale=-3))))

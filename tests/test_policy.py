@@ -612,3 +612,54 @@ def test_cli_unknown_policy_is_one_line_error(capsys):
     assert main(["generate", "--prompt", "x", "--policy", "nope", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown policy 'nope'" in err and err.count("\n") == 1
+
+
+class _SkipLayerPolicy(Policy):
+    """Skips one layer at the last scale (restore on or off); runs everything else in full."""
+
+    def __init__(self, layer: int, restore: bool):
+        self.layer, self.restore_pruned = layer, restore
+
+    def keep(self, si, layer, n):
+        last = si == len(self.info.schedule) - 1
+        return torch.empty(0, dtype=torch.int64) if last and layer == self.layer else None
+
+
+def test_restore_gives_a_skipped_layer_its_resized_previous_update():
+    """The last layer is skipped at the last scale. Without restore the head sees the stream as the layer
+    before left it; with restore, that plus the last layer's update of the previous scale resized
+    bilinearly to the last grid (float64 reference of the resize below); earlier scales are untouched."""
+    from toprovar.pipeline import resolve_schedule
+    pipe = Pipeline.load("tiny", seed=int(np.random.SeedSequence().entropy % 1000))
+    orch = pipe.orchestrator(resolve_schedule(pipe.cfg, None, 1.0))
+    text, lengths = pipe.text_encoder.encode(["a red circle"])
+    sched, layer = orch.schedule, pipe.cfg.depth - 1
+    be, seen = orch.backend, {}
+    block, head = be.block, be.head
+
+    def spy_block(li, x, *a, **kw):
+        out = block(li, x, *a, **kw)
+        if li == layer and x.shape[1] == sched[-2][0] * sched[-2][1]:
+            seen["update"] = (out[0].double() - x.double())
+        return out
+
+    def spy_head(si, x, *a, **kw):
+        if si == len(sched) - 1:
+            seen.setdefault("head_x", []).append(x.double().clone())
+        return head(si, x, *a, **kw)
+
+    be.block, be.head = spy_block, spy_head
+    try:
+        res = [orch.generate(text, lengths, seed=2, policy=_SkipLayerPolicy(layer, r), progress=False, cfg=1.0)
+               for r in (False, True)]
+    finally:
+        be.block, be.head = block, head
+    (ph, pw), (h, w) = sched[-2], sched[-1]
+    u = seen["update"].transpose(1, 2).reshape(1, -1, ph, pw)
+    u = torch.nn.functional.interpolate(u, size=(h, w), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    plain, restored = seen["head_x"]
+    assert u.abs().max() > 1e-3
+    torch.testing.assert_close(restored - plain, u, atol=1e-4, rtol=1e-4)
+    for si in range(len(sched) - 1):
+        assert torch.equal(res[0].bits[si], res[1].bits[si])
+    assert res[1].trace.kept[len(sched) - 1][layer] == 0

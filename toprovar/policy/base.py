@@ -110,6 +110,10 @@ class Policy:
         """A runner that executes (si, layer) itself, or None for the default keep/observe path."""
         return None
 
+    #: True: a token a layer does not run (pruned, or the layer skipped) receives that layer's update of the
+    #: previous scale, bilinearly resized to this scale's grid, instead of passing the layer unchanged.
+    restore_pruned: bool = False
+
     def wants_entropy(self, si: int, layer: int) -> bool:
         """Whether the block at (si, layer) should also return its self-attention entropy."""
         return False

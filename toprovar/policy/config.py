@@ -122,6 +122,9 @@ class ToProVARConfig(_ConfigBase):
     keep_fraction: pin the kept count of a prunable layer to n (1 - R_l (1 - keep_fraction)) (bucketed,
       at least the k_min floor) instead of round(sum P_keep); the kept tokens are still the top ones by
       P_keep. Known on the host, so no device read per layer; None = from P_keep (default).
+    restore: a pruned token (or every token of a skipped layer) receives the layer's update from the previous
+      scale, resized to this scale's grid (FastVAR-style restoration; costs one (B, n, C) float32 buffer per
+      layer) instead of passing the layer unchanged (the paper's reading, default off).
     """
     stage: str = "full"
     tau: float = 0.4
@@ -141,6 +144,7 @@ class ToProVARConfig(_ConfigBase):
     svd_center: bool = True
     fixed_depth: int | None = None
     keep_fraction: float | None = None
+    restore: bool = False
 
     def __post_init__(self):
         o = type(self).__name__
@@ -182,6 +186,7 @@ class ToProVARConfig(_ConfigBase):
             _fail(o, "fixed_depth", "a non-negative scale index or null", self.fixed_depth)
         if self.keep_fraction is not None:
             _num(o, "keep_fraction", self.keep_fraction, 0.0, 1.0, lo_open=True)
+        _bool(o, "restore", self.restore)
 
     def rep_index(self, num_scales: int) -> int:
         """The representative scale's 0-based index for a schedule of ``num_scales`` scales."""

@@ -112,6 +112,10 @@ class ToProVARPolicy(Policy):
             return False
         return not (self.needs_R and self.R[layer] is None)
 
+    @property
+    def restore_pruned(self) -> bool:
+        return self.config.restore
+
     def run_scale(self, si: int) -> bool:
         return not (self.config.stage == "scale" and self.D is not None and si > self.D)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..policy.base import GenerationInfo, Policy, PolicyTrace
@@ -94,6 +95,18 @@ def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits:
     return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
 
 
+def resized_update(update: tuple[torch.Tensor, tuple[int, int]], hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """A layer's update (B', h'w', C) float32 on grid (h', w') -> (batch, h*w, C) on grid hw (bilinear, the
+    first ``batch`` rows: the CFG batch only shrinks)."""
+    u, (ph, pw) = update
+    u = u[:batch]
+    if (ph, pw) == tuple(hw):
+        return u.clone()
+    t = u.transpose(1, 2).reshape(batch, u.shape[-1], ph, pw)
+    t = F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)
+    return t.flatten(2).transpose(1, 2).contiguous()
+
+
 class Orchestrator:
     """Generates images from text features through a backend, a policy and a scale schedule."""
 
@@ -166,6 +179,8 @@ class Orchestrator:
         cfg_t, tau_t = (torch.tensor(v, dtype=torch.float32).to(dev) for v in (cfgs, taus))
         top_p_t = torch.tensor([top_p], dtype=torch.float32).to(dev)
         noise = uniform_noise(gen, B, [h * w for h, w in self.schedule], sp.token_bits, dev)
+        restore = policy.restore_pruned
+        updates: list = [None] * sp.depth  # with restore: each layer's last update (Bp', n, C) and its grid
         x = self.ws.view("x", x0.shape, torch.float32)
         x.copy_(x0)
         off = 0
@@ -205,6 +220,9 @@ class Orchestrator:
                     idx = policy.keep(si, layer, n)
                     if idx is not None and idx.numel() == 0:
                         trace.kept[si].append(0)
+                        if restore and updates[layer] is not None:  # the skipped layer's last update, resized
+                            u = resized_update(updates[layer], (h, w), Bp)
+                            x, updates[layer] = x + u, (u, (h, w))
                         lap(si, "policy")
                         continue
                     want = policy.wants_entropy(si, layer)
@@ -228,9 +246,17 @@ class Orchestrator:
                     trace.kept[si].append(m)
                     if idx is not None:
                         lap(si, "pruned")
-                        x.index_copy_(1, idx, xo)
+                        if restore:  # kept tokens: their update; pruned ones: the previous scale's, resized
+                            u = (resized_update(updates[layer], (h, w), Bp) if updates[layer] is not None
+                                 else torch.zeros_like(x))
+                            u.index_copy_(1, idx, xo.float() - xin)
+                            x, updates[layer] = x + u, (u, (h, w))
+                        else:
+                            x.index_copy_(1, idx, xo)
                         lap(si, "gather_scatter")
                     else:
+                        if restore:
+                            updates[layer] = (xo.float() - xin, (h, w))
                         if owns:
                             x.copy_(xo)
                         else:

@@ -110,9 +110,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     families = list(dict.fromkeys(r["family"] for r in rows))
-    for fam in families:
+    colors = plt.get_cmap("tab20").colors
+    for i, fam in enumerate(families):
         pts = sorted((r["relative_flops"], r["accuracy"], r["ssim"]) for r in rows if r["family"] == fam)
-        style = dict(marker="o", label=fam, linestyle="-" if len(pts) > 1 else "none")
+        style = dict(marker="os^D"[i % 4], label=fam, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                     linestyle="-" if len(pts) > 1 else "none")
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
     axes[0].set_ylabel("checker accuracy (overall)")

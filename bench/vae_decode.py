@@ -42,7 +42,6 @@ def main() -> None:
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
                              "cudnn_benchmark": bench, "median ms": t["median_ms"], "max abs diff vs fp32": err})
                 print(rows[-1], flush=True)
-                del dec
     write_results("vae_decode", {"vae": args.vae, "latent": [1, base.cfg.codebook_dim, 64, 64],
                                  "environment": environment(dev)}, rows,
                   f"VAE decode 1024x1024 ({args.vae} decoder, random weights, median of {args.runs})")

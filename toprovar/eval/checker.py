@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .shapes import BACKGROUND, CATEGORIES, COLORS, KINDS, PALETTE, Spec, relation_offsets
+from .shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, Spec, relation_offsets
 
 LINE_THRESHOLD = 60.0  # RGB distance: pixels farther than this from every colour's mixing line are background
 MIN_AREA = 20          # px at 64x64 (scaled with the image area): smaller components are noise and dropped

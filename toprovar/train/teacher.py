@@ -54,13 +54,13 @@ def bit_labels(bits: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.flatten(1, 2) for b in bits], dim=1).long()
 
 
-def bitwise_loss(logits: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[float]]:
+def bitwise_loss(logits: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of logits (B, N, d, 2) against labels (B, N, d), each scale's mean weighted by
     sqrt(h*w) (coarse scales, which fix the layout, are not drowned by the last one).
 
-    Returns (loss, per-scale mean losses as floats for logging; read only when logged).
+    Returns (loss, per-scale mean losses (S,) float32; read on the host only when logged).
     """
     ce = F.cross_entropy(logits.float().flatten(0, 2), labels.flatten(), reduction="none").view(labels.shape)
     per_scale = torch.stack([c.mean() for c in ce.split(counts, dim=1)])
-    w = torch.tensor([math.sqrt(n) for n in counts], device=ce.device)
-    return (per_scale * w).sum() / w.sum(), per_scale
+    w = [math.sqrt(n) for n in counts]  # host floats: no host-to-device copy per step
+    return sum(wi * p for wi, p in zip(w, per_scale)) / sum(w), per_scale

@@ -15,6 +15,20 @@ def _floats(text: str) -> float | list[float]:
     return vals[0] if len(vals) == 1 else vals
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model and weights to load, and where (shared by ``generate`` and ``calibrate``)."""
+    p.add_argument("--model", default="shapes",
+                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
+    p.add_argument("--weights", default=None, help="weights directory of a trained small model "
+                   "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
+    p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
+    p.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
+    p.add_argument("--t5", default=None, help="local flan-t5-xl directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
     p.add_argument("-o", "--output", default="output/toprovar.png",
@@ -72,16 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="toprovar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from text")
-    g.add_argument("--model", default="shapes",
-                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
-    g.add_argument("--weights", default=None, help="weights directory of a trained small model "
-                   "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
-    g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
-    g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
-    g.add_argument("--t5", default=None, help="local flan-t5-xl directory")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    g.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
+    add_model_args(g)
     add_generation_args(g)
     from .runtime.cli_engine import add_engine_args
     add_engine_args(g)

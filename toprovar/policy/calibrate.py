@@ -218,16 +218,8 @@ def _beta(text: str) -> float | str:
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     """The ``toprovar calibrate`` options (the model options mirror ``toprovar generate``)."""
-    from ..cli import DTYPES, _floats
-    p.add_argument("--model", default="shapes",
-                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
-    p.add_argument("--weights", default=None, help="weights directory of a trained small model")
-    p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")
-    p.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
-    p.add_argument("--t5", default=None, help="local flan-t5-xl directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
+    from ..cli import _floats, add_model_args
+    add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("-o", "--output", default=None, help="calibration JSON (default: calibration.json in --weights "

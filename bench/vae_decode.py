@@ -3,7 +3,8 @@
 The decoder is 19% of the unpruned end-to-end time and does not shrink with pruning. Variants, each timed
 with CUDA events (median of --runs after warm-up) on the same latent (1, 32, 64, 64): float32 (TF32 convs,
 the runtime's current setting) and bfloat16, contiguous and channels-last, with and without
-``torch.backends.cudnn.benchmark`` (algorithm search per shape). Also the max abs difference to float32.
+``torch.backends.cudnn.benchmark`` (algorithm search per shape), and both dtypes through torch.compile (what
+``toprovar bench`` runs). Also the max abs difference to float32.
 
     python bench/vae_decode.py        # writes bench/results/vae_decode.{json,md}
 """
@@ -42,6 +43,15 @@ def main() -> None:
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
                              "cudnn_benchmark": bench, "median ms": t["median_ms"], "max abs diff vs fp32": err})
                 print(rows[-1], flush=True)
+    for dtype in (torch.float32, torch.bfloat16):  # torch.compile (Inductor fuses GroupNorm + SiLU, adds)
+        dec = torch.compile(build_decoder(args.vae, seed=0).to(dev, dtype).eval().requires_grad_(False))
+        zin = z.to(dtype)
+        with torch.no_grad():
+            t = time_cuda(lambda: dec(zin), warmup=3, runs=args.runs)
+            err = (dec(zin).float() - ref).abs().max().item()
+        rows.append({"dtype": str(dtype).removeprefix("torch.") + " compiled", "channels_last": False,
+                     "cudnn_benchmark": False, "median ms": t["median_ms"], "max abs diff vs fp32": err})
+        print(rows[-1], flush=True)
     write_results("vae_decode", {"vae": args.vae, "latent": [1, base.cfg.codebook_dim, 64, 64],
                                  "environment": environment(dev)}, rows,
                   f"VAE decode 1024x1024 ({args.vae} decoder, random weights, median of {args.runs})")

@@ -66,3 +66,26 @@ def test_errors_are_single_lines(pipe, capsys):
 def test_to_uint8_range():
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
     assert to_uint8(x).ravel().tolist() == [0, 128, 255]
+
+
+def test_out_of_memory_retries_once_after_freeing_graphs(pipe, monkeypatch):
+    """An OutOfMemoryAtScale while graphs hold memory frees them and runs again; without graphs it is raised."""
+    from toprovar.runtime.buffers import OutOfMemoryAtScale
+    ref = pipe.generate(["a red square"], seed=1, progress=False)
+    orch = next(iter(pipe._orchestrators.values()))
+    real, calls = orch._generate, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OutOfMemoryAtScale("out of memory at scale 3", "scale 3", 1 << 30)
+        return real(*a, **kw)
+    monkeypatch.setattr(orch, "_generate", flaky)
+    monkeypatch.setattr(orch, "release_graphs", lambda: True)
+    res = pipe.generate(["a red square"], seed=1, progress=False)
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(ref.bits, res.bits))
+    calls.clear()
+    monkeypatch.setattr(orch, "release_graphs", lambda: False)
+    with pytest.raises(OutOfMemoryAtScale):
+        pipe.generate(["a red square"], seed=1, progress=False)
+    assert len(calls) == 1

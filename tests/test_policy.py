@@ -663,3 +663,17 @@ def test_restore_gives_a_skipped_layer_its_resized_previous_update():
     for si in range(len(sched) - 1):
         assert torch.equal(res[0].bits[si], res[1].bits[si])
     assert res[1].trace.kept[len(sched) - 1][layer] == 0
+
+
+def test_ascending_first_is_sorted_prefix():
+    """ascending_first(order, k) == order[:k].sort() on fresh random permutations and every k; select_kept
+    is the piece's order with it."""
+    from toprovar.policy.token import TokenKeepPiece, ascending_first, select_kept
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    for n in (1, 2, 7, 64, 333):
+        order = torch.randperm(n, generator=g)
+        for k in sorted({1, n // 3, n // 2, n - 1, n} - {0}):
+            assert torch.equal(ascending_first(order, k), order[:k].sort().values)
+    piece = TokenKeepPiece(0.1, 0.9, 0.05, 4)
+    ent, phi_r = torch.rand(100, generator=g) * 3, torch.tensor([0.7])
+    assert torch.equal(select_kept(piece, ent, phi_r, 40), piece(ent, phi_r)[2][:40].sort().values)

@@ -43,6 +43,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None,
                    help="calibration JSON for the policy (default: the weights directory's calibration.json)")
     p.add_argument("--profile", action="store_true", help="per-scale timing and kept tokens")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks and the VAE decoder (pays off over many images, not one)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -56,6 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy, str(calibration) if calibration else None)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                          device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
+    pipe.compile = args.compile
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights (no --checkpoint given): the image is noise-like "
               "and shows the pipeline, not a trained model", file=sys.stderr)

@@ -70,6 +70,7 @@ class Pipeline:
     text_encoder: TextEncoder | None
     random_weights: bool
     cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the blocks and the decoder (see TorchBackend)
     _orchestrators: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -112,9 +113,15 @@ class Pipeline:
         key = tuple(schedule)
         if key not in self._orchestrators:
             ropes = rope_tables(self.cfg.head_dim, schedule, rope_grid_side(schedule[-1][0] / schedule[-1][1]))
-            backend = TorchBackend(self.model, self.decoder, schedule, cuda_graphs=self.cuda_graphs)
+            backend = TorchBackend(self.model, self.decoder, schedule, cuda_graphs=self.cuda_graphs,
+                                   compile=self.compile)
             self._orchestrators[key] = Orchestrator(backend, model_spec(self.cfg), schedule, ropes)
         return self._orchestrators[key]
+
+    def release_graphs(self) -> None:
+        """Free every orchestrator's CUDA graphs (scale plans and block graphs); they are captured again."""
+        for orch in self._orchestrators.values():
+            orch.release_graphs()
 
     def generate(self, prompts: Sequence[str], seed: int = 0, resolution: int | None = None,
                  h_div_w: float = 1.0, cfg: float | Sequence[float] | None = None,

@@ -1,10 +1,12 @@
-"""PyTorch pipeline on CUDA: CUDA-graph replay gives the same bits as eager execution (run on a GPU)."""
+"""PyTorch pipeline on CUDA: block and whole-scale CUDA-graph replays (and compiled pieces) give the same bits
+as eager execution (run on a GPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from toprovar.pipeline import Pipeline
+from toprovar.policy import make_policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -23,3 +25,61 @@ def test_cuda_graphs_match_eager(dtype):
         torch.testing.assert_close(got.images, ref.images, atol=0, rtol=0)
     backend = next(iter(pipe._orchestrators.values())).backend
     assert 0 < len(backend._graphs) <= backend._max_graphs
+
+
+STATIC_POLICIES = ["none", "toprovar", "toprovar-scale-layer", "fastvar", "skipvar", "scale-exit"]
+
+
+@pytest.mark.parametrize("name", STATIC_POLICIES)
+def test_scale_graphs_match_eager(name):
+    """Warm-up, capture and replays of whole-scale graphs give the eager bits and images, for every policy
+    with a static plan (ToProVAR at the benchmark's pinned operating point), also after the buffers move."""
+    from toprovar.benchmark.e2e import build_policy
+    pipe = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=3)
+    eager = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=3)
+    eager.cuda_graphs = False
+    depth, S = pipe.cfg.depth, 7
+    prompts = ["a red square left of a blue circle"]
+    ref = eager.generate(prompts, seed=5, policy=build_policy(name, depth, None, S), progress=False)
+    assert build_policy(name, depth, None, S).plan_key() is not None
+    orch = None
+    for i in range(5):  # warm-up, capture, replay, buffers moved (capture again), replay
+        if i == 3:
+            orch.ws.clear()
+        got = pipe.generate(prompts, seed=5, policy=build_policy(name, depth, None, S), progress=False)
+        orch = next(iter(pipe._orchestrators.values()))
+        assert got.trace.kept == ref.trace.kept
+        for a, b in zip(ref.bits, got.bits):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got.images, ref.images, atol=0, rtol=0)
+        plans = list(orch.graphs._plans.values())
+        assert len(plans) == (0 if i == 0 else 1) and all(p.complete for p in plans)
+        if i:
+            assert len(plans[0].graphs) == len(got.bits)
+
+
+def test_reading_policy_is_not_graphed():
+    """A policy that reads device values (calibrated ToProVAR: kept counts from entropy) runs eagerly."""
+    from toprovar.config import get_config
+    pipe = Pipeline.load("shapes", device="cuda", dtype=torch.bfloat16)
+    policy = make_policy("toprovar", str(get_config("shapes").packaged_calibration(None)))
+    assert policy.plan_key() is None
+    for _ in range(3):
+        pipe.generate(["a red circle"], seed=1, policy=policy, progress=False)
+    assert not next(iter(pipe._orchestrators.values())).graphs._plans
+
+
+def test_compiled_scale_graphs_match_compiled_eager():
+    """torch.compile'd blocks and decoder: scale-graph replays give the bits of the same compiled pieces
+    run eagerly (same kernels), bf16."""
+    pipe = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=7)
+    eager = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=7)
+    pipe.compile = eager.compile = True
+    eager.cuda_graphs = False
+    prompts = ["two green triangles"]
+    ref = eager.generate(prompts, seed=2, progress=False)
+    for _ in range(3):
+        got = pipe.generate(prompts, seed=2, progress=False)
+        for a, b in zip(ref.bits, got.bits):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got.images, ref.images, atol=0, rtol=0)

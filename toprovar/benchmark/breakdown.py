@@ -70,5 +70,6 @@ def breakdown_section(title: str, run: dict, depth: int) -> str:
              "all / on kept tokens; policy: keep/observe (entropy statistics, TokenKeepPiece, selection); "
              "gather_scatter: kept-token gather and scatter; head: logits; sampling: noise, bit sampling; "
              "next_input: summed codes and next scale's input; other: scale set-up). kept: tokens run / "
-             "(tokens x layers).", ""]
+             "(tokens x layers). A profiled run times its pieces one by one (events between them), so it never "
+             "replays whole-scale CUDA graphs: its scales are slower than in the timed runs.", ""]
     return "\n".join(lines + markdown_table(breakdown_rows(run, depth))) + "\n"

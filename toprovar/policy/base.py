@@ -27,6 +27,7 @@ class GenerationInfo:
     depth: int
     batch: int
     device: torch.device
+    compile: bool = False  # the backend runs torch.compile'd pieces: a policy may compile its own torch work
 
 
 @dataclass
@@ -94,6 +95,19 @@ class Policy:
     def params(self) -> dict:
         """JSON-ready parameters (recorded in reports and the export manifest)."""
         return {"name": self.name}
+
+    def plan_key(self) -> str | None:
+        """A key of this policy's decisions when they never depend on device values: for a model, schedule
+        and batch, every generation runs the same scales, layers and kept-token COUNTS, and the policy reads
+        nothing back from the device. Then the orchestrator may capture whole scales into CUDA graphs and
+        replay them (``toprovar.runtime.scale_graphs``); equal keys must mean equal decisions. None (the
+        default of subclasses, which opt in) when a decision reads a device value (a kept count, rho_s, an
+        online layer score)."""
+        return "none" if type(self) is Policy else None
+
+    def params_key(self) -> str:
+        """The policy's parameters as a canonical JSON string (a ``plan_key`` for fixed-rule policies)."""
+        return json.dumps(self.params(), sort_keys=True, default=str)
 
     def start(self, info: GenerationInfo) -> None:
         self.info = info

@@ -26,6 +26,9 @@ class SkipVARStylePolicy(Policy):
     def params(self) -> dict:
         return {"name": self.name, "label": self.label, **self.config.to_dict()}
 
+    def plan_key(self) -> str:
+        return self.params_key()
+
     def start(self, info: GenerationInfo) -> None:
         super().start(info)
         self.cond_from, self.skip_from = self.config.resolve(len(info.schedule))
@@ -47,6 +50,9 @@ class ScaleExitPolicy(Policy):
 
     def params(self) -> dict:
         return {"name": self.name, **self.config.to_dict()}
+
+    def plan_key(self) -> str:
+        return self.params_key()
 
     def start(self, info: GenerationInfo) -> None:
         super().start(info)

@@ -110,6 +110,9 @@ class FastVARPolicy(Policy):
     def params(self) -> dict:
         return {"name": self.name, **self.config.to_dict()}
 
+    def plan_key(self) -> str:
+        return self.params_key()  # fixed ratios per scale, top-k of a device score: nothing read back
+
     def start(self, info: GenerationInfo) -> None:
         super().start(info)
         self.schedule = [tuple(s) for s in info.schedule]

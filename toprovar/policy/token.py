@@ -65,4 +65,23 @@ def descending_order(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(idx).scatter(0, rank, idx)
 
 
-__all__ = ["TokenKeepPiece", "descending_order"]
+def ascending_first(order: torch.Tensor, k: int) -> torch.Tensor:
+    """``order[:k]`` of a permutation ``order`` (n,) int64, in ascending order: (k,) int64.
+
+    No sort and no host read: the chosen tokens' mask and its prefix sum give each chosen index its rank
+    (other indices go to a discarded slot k), so the result is ``order[:k].sort().values`` exactly.
+    """
+    n = order.numel()
+    chosen = torch.zeros(n, dtype=torch.bool, device=order.device).index_fill_(0, order[:k], True)
+    rank = torch.where(chosen, torch.cumsum(chosen, 0) - 1, k)
+    out = torch.empty(k + 1, dtype=torch.int64, device=order.device)
+    return out.scatter_(0, rank, torch.arange(n, device=order.device))[:k]
+
+
+def select_kept(piece: TokenKeepPiece, entropy: torch.Tensor, phi_r: torch.Tensor, k: int) -> torch.Tensor:
+    """The k tokens with the largest P_keep (``piece``'s order), ascending: (k,) int64 (k known on the host:
+    a pinned operating point). Compiled with torch.compile by the policy when the backend is compiled."""
+    return ascending_first(piece(entropy, phi_r)[2], k)
+
+
+__all__ = ["TokenKeepPiece", "ascending_first", "descending_order", "select_kept"]

@@ -32,7 +32,7 @@ import torch
 from .base import GenerationInfo, Policy, read_calibration
 from .config import ToProVARConfig
 from .stats import layer_score, low_entropy_ratio, min_kept, principal_ratio, scale_factor, upsample_entropy
-from .token import TokenKeepPiece
+from .token import TokenKeepPiece, ascending_first, select_kept
 
 
 class ToProVARPolicy(Policy):
@@ -65,6 +65,15 @@ class ToProVARPolicy(Policy):
         return {"name": self.name, **self.config.to_dict(),
                 **({"calibration": self.calibration} if self.calibration else {})}
 
+    def plan_key(self) -> str | None:
+        """Static (graphable) when nothing is read back: D fixed, kept counts from ``keep_fraction`` (token
+        stages), layer scores static (layer stages)."""
+        c = self.config
+        reads = (c.fixed_depth is None
+                 or (c.stage in ("scale-token", "full") and c.keep_fraction is None)
+                 or (c.stage in ("scale-layer", "full") and c.layer_score_mode == "online"))
+        return None if reads else self.params_key()
+
     # ------------------------------------------------------------------ lifecycle
     def start(self, info: GenerationInfo) -> None:
         super().start(info)
@@ -78,6 +87,7 @@ class ToProVARPolicy(Policy):
         self.S, self.depth, self.schedule = S, info.depth, [tuple(s) for s in info.schedule]
         self.rep = c.rep_index(S)
         self.piece = self.piece.to(info.device)
+        self._select = _compiled_select() if info.compile else select_kept
         self.full = frozenset(c.full_layers)
         self.rho_set, self.last_rho = frozenset(c.rho_layers), max(c.rho_layers)
         self.needs_R = c.stage in ("scale-layer", "full")
@@ -139,9 +149,10 @@ class ToProVARPolicy(Policy):
         r = 1.0 if c.stage == "scale-token" else self.R[layer]
         # a fill kernel, not torch.tensor(..., device=): a pageable host-to-device copy would sync the stream
         phi_r = torch.full((1,), scale_factor(si, self.S) * r, dtype=torch.float32, device=self.ent.device)
-        _, k_t, order = self.piece(self.ent, phi_r)
         floor = min_kept(n, c.k_min, c.bucket)
+        order = None
         if c.keep_fraction is None:
+            _, k_t, order = self.piece(self.ent, phi_r)
             k = int(k_t.item())  # the one device read of a pruned layer
         else:  # pinned operating point: the count is known on the host
             want = n * (1.0 - r * (1.0 - c.keep_fraction))
@@ -150,7 +161,9 @@ class ToProVARPolicy(Policy):
             return self._empty()
         if k >= n:
             return None
-        return order[:k].sort().values
+        if order is None:
+            return self._select(self.piece, self.ent, phi_r, k)
+        return ascending_first(order, k)
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.info.device)
@@ -182,6 +195,18 @@ class ToProVARPolicy(Policy):
         return {"stage": self.config.stage, "D": self.D, "rep_scale": self.rep,
                 "rho": dict(self.rho), "mean_entropy": dict(self.mean_entropy),
                 "layer_scores": list(self.R), "layer_ratio": list(self.ratio)}
+
+
+_COMPILED_SELECT = None
+
+
+def _compiled_select():
+    """``select_kept`` through torch.compile (one compilation, dynamic token counts): the keep rule's ~25
+    elementwise and reduction kernels fuse into a few; the sort stays a library call."""
+    global _COMPILED_SELECT
+    if _COMPILED_SELECT is None:
+        _COMPILED_SELECT = torch.compile(select_kept, dynamic=True, fullgraph=True)
+    return _COMPILED_SELECT
 
 
 class ToProVARScale(ToProVARPolicy):

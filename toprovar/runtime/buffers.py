@@ -63,6 +63,10 @@ class Workspace:
         out.copy_(t)
         return out
 
+    def addresses(self) -> tuple:
+        """(name, dtype, device address, numel) of every buffer: what captured CUDA graphs are bound to."""
+        return tuple(sorted((n, str(d), b.data_ptr(), b.numel()) for (n, d), b in self._bufs.items()))
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 

@@ -8,7 +8,7 @@ gather/scatter, CFG batch, sampling noise); a ``Backend`` only runs the pieces o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import torch
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..policy.base import GenerationInfo, Policy, PolicyTrace
 from .buffers import OutOfMemoryAtScale, Workspace, is_oom, oom_error, tensor_bytes
+from .scale_graphs import ScaleGraphs
 
 
 class Backend(Protocol):
@@ -65,6 +66,38 @@ class ModelSpec:
 
 
 @dataclass
+class ScaleState:
+    """What one scale hands the next: the residual stream and conditioning (CFG batch Bp rows, shrinking to
+    B when a policy drops the unconditional branch), the summed codes, the KV caches and their fill, the
+    sampled bits so far; noise and per-scale scalars (device tensors) are set once per generation."""
+    B: int
+    Bp: int
+    x: torch.Tensor
+    cond: torch.Tensor
+    ada: torch.Tensor
+    ca_kv: torch.Tensor
+    ca_len: torch.Tensor
+    summed: torch.Tensor
+    bits_all: torch.Tensor
+    cache_k: list
+    cache_v: list
+    cache_len: list
+    updates: list  # with a restore policy: each layer's last update (Bp', n, C) and its grid
+    bits_out: list = field(default_factory=list)
+    off: int = 0
+    noise: list = field(default_factory=list)
+    cfg_t: torch.Tensor | None = None
+    tau_t: torch.Tensor | None = None
+    top_p_t: torch.Tensor | None = None
+    use_cfg: bool = True
+
+    def copy(self) -> "ScaleState":
+        """A snapshot: the same tensors, copies of the mutable lists."""
+        return replace(self, cache_len=list(self.cache_len), updates=list(self.updates),
+                       bits_out=list(self.bits_out))
+
+
+@dataclass
 class GenerationResult:
     """images (B, 3, H, W) float32 in [-1, 1]; bits per scale (B, n, token_bits); per-scale report."""
     images: torch.Tensor
@@ -87,11 +120,13 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
 
 
 def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits: int,
-                  device: torch.device) -> list[torch.Tensor]:
+                  device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
     stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
-    from pageable memory synchronises the stream, so a copy per scale would stall the launch queue."""
-    flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts]).to(device)
+    from pageable memory synchronises the stream, so a copy per scale would stall the launch queue.
+    ``out``: a flat float32 device buffer of B * sum(counts) * bits elements to copy into (stable address)."""
+    flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts])
+    flat = flat.to(device) if out is None else out.copy_(flat)
     return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
 
 
@@ -115,6 +150,7 @@ class Orchestrator:
         self.backend, self.spec, self.schedule = backend, spec, schedule
         self.ropes = [r.to(backend.device).contiguous() for r in ropes]
         self.ws = Workspace(backend.device)  # KV caches, residual stream, gathers: reused across calls
+        self.graphs = ScaleGraphs(backend)  # whole-scale CUDA graphs per generation plan
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int,
@@ -123,26 +159,50 @@ class Orchestrator:
                  ) -> GenerationResult:
         """text (B, L, C_text) float32, lengths (B,) int32 -> GenerationResult.
 
-        Buffers (KV caches for the whole schedule, the residual stream, gathered kept tokens) live in
-        ``self.ws`` and are reused across scales and calls. A backend whose outputs live in its own
-        buffers (``owns_outputs``: ONNX Runtime, TensorRT) has them copied out before its next call. No
-        device-to-host read happens here: a pruning policy reads its kept count itself (one small read per
-        pruned layer), unpruned layers read nothing.
+        Buffers (KV caches for the whole schedule, the residual stream, gathered kept tokens, the sampling
+        noise and per-scale scalars) live in ``self.ws`` and are reused across scales and calls. A backend
+        whose outputs live in its own buffers (``owns_outputs``: ONNX Runtime, TensorRT) has them copied out
+        before its next call. No device-to-host read happens here: a pruning policy reads its kept count
+        itself (one small read per pruned layer), unpruned layers read nothing.
+
+        Whole-scale CUDA graphs (backend attribute ``capture_scales``, e.g. the PyTorch backend with CUDA
+        graphs): when the policy's decisions never depend on device values (``Policy.plan_key`` is not
+        None), the first generation of a plan runs eagerly (warm-up), the second captures each scale into
+        a CUDA graph (and replays it), later ones replay the scales' graphs with no Python in the loop.
+        See ``toprovar.runtime.scale_graphs``.
 
         profile=True also times each scale, the condition and decode stages, and per scale the pieces of
         ``PIECES`` (CUDA events on CUDA, recorded between the pieces with no synchronisation until the end;
-        perf_counter on CPU); the images and bits are the same as without it.
+        perf_counter on CPU); the images and bits are the same as without it. Profiled runs never replay
+        scale graphs (their pieces are timed one by one).
+
+        Out of device memory while CUDA graphs (scale or block graphs) hold memory, the graphs are freed and
+        the generation runs once more before the error is raised.
         """
+        kw = dict(seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy, profile=profile, progress=progress)
+        try:
+            return self._generate(text, lengths, **kw)
+        except OutOfMemoryAtScale:
+            if not self.release_graphs():
+                raise
+        return self._generate(text, lengths, **kw)
+
+    def release_graphs(self) -> bool:
+        """Free the scale graphs and the backend's block graphs; whether any were held."""
+        had = self.graphs.clear()
+        if hasattr(self.backend, "drop_graphs"):
+            had = self.backend.drop_graphs() or had
+        return had
+
+    def _generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int, cfg, tau, top_p: float,
+                  policy: Policy | None, profile: bool, progress: bool) -> GenerationResult:
         be, sp, S = self.backend, self.spec, len(self.schedule)
         dev = be.device
-        owns = getattr(be, "owns_outputs", False)
         policy = policy or Policy()
         cfgs, taus = per_scale(cfg, S, "cfg"), per_scale(tau, S, "tau")
         B = text.shape[0]
         use_cfg = any(c != 1.0 for c in cfgs)
         timer = _Timer(dev, profile)
-        lap = timer.lap if profile else _no_lap  # time since the previous mark -> a piece of a scale
-        split_head = profile and hasattr(be, "head_logits") and hasattr(be, "head_sample")
         if hasattr(be, "prepare"):
             with _oom_guard(f"preparing the backend's buffers for {S} scales (batch {B})", dev):
                 be.prepare(self.schedule, B, use_cfg, text.shape[1])
@@ -150,166 +210,203 @@ class Orchestrator:
         with _oom_guard("in text conditioning", dev):
             cond, ada, ca_kv, ca_len, x0 = be.condition(text.to(dev), lengths.to(dev), use_cfg)
         timer.stop("condition")
+        st = self._allocate(B, x0, cond, ada, ca_kv, ca_len)
+        gen = torch.Generator().manual_seed(seed)
+        # noise of every scale and the per-scale scalars: one host-to-device copy each, into stable buffers
+        # (a pageable copy synchronises the stream; stable addresses let scale graphs read them)
+        counts = [h * w for h, w in self.schedule]
+        st.noise = uniform_noise(gen, B, counts, sp.token_bits, dev,
+                                 out=self.ws.view("noise", (B * sum(counts) * sp.token_bits,), torch.float32))
+        scalars = self.ws.view("scalars", (2 * S + 1,), torch.float32)
+        scalars.copy_(torch.tensor(cfgs + taus + [float(top_p)], dtype=torch.float32))
+        st.cfg_t, st.tau_t, st.top_p_t = scalars[:S], scalars[S:2 * S], scalars[2 * S:]
+        st.use_cfg = use_cfg
+        trace = PolicyTrace(schedule=list(self.schedule), batch=B, cfg=st.Bp > B, text_len=int(ca_kv.shape[1]))
+        policy.start(GenerationInfo(self.schedule, sp.depth, B, dev, compile=getattr(be, "compiled", False)))
+        plan = None if profile else self.graphs.plan(policy, st, self.ws)
+        bar = tqdm(range(S), desc=f"scales [{be.name}]", disable=not progress, leave=False)
+        for si in bar:
+            if not policy.run_scale(si):
+                break
+            h, w = self.schedule[si]
+            timer.start(si)
+            try:
+                if plan is not None:
+                    st = plan.run(si, st, trace, lambda s: self._scale(s, si, policy, trace, _no_lap))
+                else:
+                    self._scale(st, si, policy, trace, timer.lap if profile else _no_lap)
+            except Exception as exc:
+                if plan is not None and plan.capturing:  # graphs are an optimisation: rerun eagerly
+                    self.graphs.fail(plan, exc)
+                    return self._generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy,
+                                          profile=profile, progress=progress)
+                if is_oom(exc):
+                    raise oom_error(f"at scale {si} ({h}x{w}, {h * w} tokens, batch {st.Bp})", exc, dev) from None
+                raise
+            timer.stop(si)
+        if plan is not None:
+            plan.finish(self.graphs.binding(st, self.ws))
+        timer.start("decode")
+        with _oom_guard("in the VAE decoder", dev):
+            images = be.decode(st.summed)
+            if getattr(be, "owns_outputs", False):
+                images = images.clone()
+        timer.stop("decode")
+        if profile:
+            be.synchronize()
+        scale_ms = [timer.ms(si) for si in range(len(st.bits_out))] if profile else []
+        stage_ms = {k: timer.ms(k) for k in ("condition", "decode")} if profile else {}
+        piece_ms = timer.piece_ms() if profile else {}
+        bits = st.bits_all[:, :st.off].clone().split([b.shape[1] for b in st.bits_out], dim=1)  # own the result
+        return GenerationResult(images, list(bits), trace, scale_ms, stage_ms, piece_ms)
+
+    def _allocate(self, B: int, x0, cond, ada, ca_kv, ca_len) -> "ScaleState":
+        """Buffers of one generation in ``self.ws`` (KV caches for the whole schedule, the residual stream,
+        gathers, summed codes, sampled bits) -> the state before scale 0."""
+        sp, dev, dt = self.spec, self.backend.device, self.backend.dtype
         Bp = x0.shape[0]
         total = sum(h * w for h, w in self.schedule)
         n_max = max(h * w for h, w in self.schedule)
         shape = (Bp, sp.num_heads, total, sp.head_dim)
         fh, fw = self.schedule[-1]
         f = 2 if sp.spatial_patchify else 1
-        need = 2 * sp.depth * tensor_bytes(shape, be.dtype)
+        need = 2 * sp.depth * tensor_bytes(shape, dt)
         try:
-            cache_k = [self.ws.view(f"cache_k{i}", shape, be.dtype) for i in range(sp.depth)]
-            cache_v = [self.ws.view(f"cache_v{i}", shape, be.dtype) for i in range(sp.depth)]
+            cache_k = [self.ws.view(f"cache_k{i}", shape, dt) for i in range(sp.depth)]
+            cache_v = [self.ws.view(f"cache_v{i}", shape, dt) for i in range(sp.depth)]
             for name, numel in (("x", Bp * n_max * sp.width), ("xin", Bp * n_max * sp.width),
                                 ("rope_in", n_max * sp.head_dim)):
                 self.ws.reserve(name, numel, torch.float32)
             summed = self.ws.view("summed", (B, sp.codebook_dim, fh * f, fw * f), torch.float32).zero_()
+            bits_all = self.ws.view("bits_all", (B, total, sp.token_bits), torch.float32)
         except Exception as exc:
             if is_oom(exc):
-                raise oom_error(f"preallocating the KV cache for {S} scales ({total} tokens, batch {Bp})", exc, dev,
-                                need) from None
+                raise oom_error(f"preallocating the KV cache for {len(self.schedule)} scales ({total} tokens, "
+                                f"batch {Bp})", exc, dev, need) from None
             raise
-        cache_len = [0] * sp.depth
-        gen = torch.Generator().manual_seed(seed)
-        trace, bits_out = PolicyTrace(schedule=list(self.schedule), batch=B, cfg=Bp > B,
-                                      text_len=int(ca_kv.shape[1])), []
-        bits_all = torch.empty(B, total, sp.token_bits, device=dev)
-        policy.start(GenerationInfo(self.schedule, sp.depth, B, dev))
-        # per-scale scalars and noise moved to the device once (each pageable copy synchronises the stream)
-        cfg_t, tau_t = (torch.tensor(v, dtype=torch.float32).to(dev) for v in (cfgs, taus))
-        top_p_t = torch.tensor([top_p], dtype=torch.float32).to(dev)
-        noise = uniform_noise(gen, B, [h * w for h, w in self.schedule], sp.token_bits, dev)
-        restore = policy.restore_pruned
-        updates: list = [None] * sp.depth  # with restore: each layer's last update (Bp', n, C) and its grid
         x = self.ws.view("x", x0.shape, torch.float32)
         x.copy_(x0)
-        off = 0
-        bar = tqdm(range(S), desc=f"scales [{be.name}]", disable=not progress, leave=False)
-        for si in bar:
-            if not policy.run_scale(si):
-                break
-            timer.start(si)
-            h, w = self.schedule[si]
-            n = h * w
-            try:
-                if hasattr(be, "begin_scale"):
-                    be.begin_scale(si)
-                if Bp > B and not (use_cfg and policy.use_cfg(si)):
-                    Bp, x, cond, ada, ca_kv, ca_len = B, x[:B], cond[:B], ada[:B], ca_kv[:B], ca_len[:B]
-                rope = self.ropes[si]
-                trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
-                lap(si, "other")
-                for layer in range(sp.depth):
-                    runner = policy.block_runner(si, layer)
-                    if runner is not None:  # the policy runs this layer itself (FastVAR's sub-layer pruning)
-                        lap(si, "policy")
-                        P = cache_len[layer]
-                        xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope,
-                                          cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P])
-                        m = k.shape[2]
-                        cache_k[layer][:Bp, :, P:P + m] = k
-                        cache_v[layer][:Bp, :, P:P + m] = v
-                        cache_len[layer] = P + m
-                        if owns:
-                            x.copy_(xo)
-                        else:
-                            x = xo
-                        trace.kept[si].append(m)
-                        lap(si, "pruned" if m < n else "dense")
-                        continue
-                    idx = policy.keep(si, layer, n)
-                    if idx is not None and idx.numel() == 0:
-                        trace.kept[si].append(0)
-                        if restore and updates[layer] is not None:  # the skipped layer's last update, resized
-                            u = resized_update(updates[layer], (h, w), Bp)
-                            x, updates[layer] = x + u, (u, (h, w))
-                        lap(si, "policy")
-                        continue
-                    want = policy.wants_entropy(si, layer)
-                    lap(si, "policy")
-                    if idx is None:
-                        xin, rin = x, rope
-                    else:
-                        idx = idx.to(dev)
-                        k_n = idx.numel()
-                        xin = torch.index_select(x, 1, idx, out=self.ws.view("xin", (Bp, k_n, sp.width), x.dtype))
-                        rin = torch.index_select(rope, 1, idx,
-                                                 out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
-                        lap(si, "gather_scatter")
-                    P = cache_len[layer]
-                    xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
-                                             cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
-                    m = k.shape[2]
-                    cache_k[layer][:Bp, :, P:P + m] = k
-                    cache_v[layer][:Bp, :, P:P + m] = v
-                    cache_len[layer] = P + m
-                    trace.kept[si].append(m)
-                    if idx is not None:
-                        lap(si, "pruned")
-                        if restore:  # kept tokens: their update; pruned ones: the previous scale's, resized
-                            u = (resized_update(updates[layer], (h, w), Bp) if updates[layer] is not None
-                                 else torch.zeros_like(x))
-                            u.index_copy_(1, idx, xo.float() - xin)
-                            x, updates[layer] = x + u, (u, (h, w))
-                        else:
-                            x.index_copy_(1, idx, xo)
-                        lap(si, "gather_scatter")
-                    else:
-                        if restore:
-                            updates[layer] = (xo.float() - xin, (h, w))
-                        if owns:
-                            x.copy_(xo)
-                        else:
-                            x = xo
-                        lap(si, "dense")
-                    if want:
-                        policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
-                        lap(si, "policy")
-                uniform = noise[si]
-                lap(si, "sampling")
-                if split_head:
-                    logits = be.head_logits(si, x, cond)
-                    lap(si, "head")
-                    bits = be.head_sample(si, logits, uniform, cfg_t[si:si + 1], tau_t[si:si + 1], top_p_t)
-                    lap(si, "sampling")
-                else:
-                    bits = be.head(si, x, cond, uniform, cfg_t[si:si + 1], tau_t[si:si + 1], top_p_t)
-                    lap(si, "head")
-                dst = bits_all[:, off:off + n]
-                dst.copy_(bits)
-                bits_out.append(dst)
-                off += n
-                lap(si, "sampling")
-                summed_new, x_next = be.next_input(si, bits, summed)
+        return ScaleState(B=B, Bp=Bp, x=x, cond=cond, ada=ada, ca_kv=ca_kv, ca_len=ca_len, summed=summed,
+                          bits_all=bits_all, cache_k=cache_k, cache_v=cache_v, cache_len=[0] * sp.depth,
+                          updates=[None] * sp.depth)
+
+    def _scale(self, st: "ScaleState", si: int, policy: Policy, trace: PolicyTrace, lap) -> None:
+        """Run scale ``si`` on ``st`` (updated in place): every layer with the policy's decisions, the
+        head and sampling, the summed codes and the next scale's input. ``lap(si, piece)`` marks pieces."""
+        be, sp = self.backend, self.spec
+        dev = be.device
+        owns = getattr(be, "owns_outputs", False)
+        split_head = lap is not _no_lap and hasattr(be, "head_logits") and hasattr(be, "head_sample")
+        restore = policy.restore_pruned
+        B, cache_k, cache_v, cache_len, updates = st.B, st.cache_k, st.cache_v, st.cache_len, st.updates
+        h, w = self.schedule[si]
+        n = h * w
+        if hasattr(be, "begin_scale"):
+            be.begin_scale(si)
+        if st.Bp > B and not (st.use_cfg and policy.use_cfg(si)):
+            st.Bp, st.x, st.cond, st.ada, st.ca_kv, st.ca_len = (B, st.x[:B], st.cond[:B], st.ada[:B],
+                                                                  st.ca_kv[:B], st.ca_len[:B])
+        Bp, x, ada, ca_kv, ca_len = st.Bp, st.x, st.ada, st.ca_kv, st.ca_len
+        rope = self.ropes[si]
+        trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
+        lap(si, "other")
+        for layer in range(sp.depth):
+            runner = policy.block_runner(si, layer)
+            if runner is not None:  # the policy runs this layer itself (FastVAR's sub-layer pruning)
+                lap(si, "policy")
+                P = cache_len[layer]
+                xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope,
+                                  cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P])
+                m = k.shape[2]
+                cache_k[layer][:Bp, :, P:P + m] = k
+                cache_v[layer][:Bp, :, P:P + m] = v
+                cache_len[layer] = P + m
                 if owns:
-                    summed.copy_(summed_new)
+                    x.copy_(xo)
                 else:
-                    summed = summed_new
-                if x_next is not None:
-                    h2, w2 = self.schedule[si + 1]
-                    x = self.ws.view("x", (Bp, h2 * w2, sp.width), torch.float32)
-                    x.view(Bp // B, B, h2 * w2, sp.width).copy_(x_next.unsqueeze(0).expand(Bp // B, -1, -1, -1))
-                lap(si, "next_input")
-            except Exception as exc:
-                if is_oom(exc):
-                    raise oom_error(f"at scale {si} ({h}x{w}, {n} tokens, batch {Bp})", exc, dev) from None
-                raise
-            timer.stop(si)
-        timer.start("decode")
-        with _oom_guard("in the VAE decoder", dev):
-            images = be.decode(summed)
-            if owns:
-                images = images.clone()
-        timer.stop("decode")
-        if profile:
-            be.synchronize()
-        scale_ms = [timer.ms(si) for si in range(len(bits_out))] if profile else []
-        stage_ms = {k: timer.ms(k) for k in ("condition", "decode")} if profile else {}
-        piece_ms = timer.piece_ms() if profile else {}
-        return GenerationResult(images, bits_out, trace, scale_ms, stage_ms, piece_ms)
+                    x = xo
+                trace.kept[si].append(m)
+                lap(si, "pruned" if m < n else "dense")
+                continue
+            idx = policy.keep(si, layer, n)
+            if idx is not None and idx.numel() == 0:
+                trace.kept[si].append(0)
+                if restore and updates[layer] is not None:  # the skipped layer's last update, resized
+                    u = resized_update(updates[layer], (h, w), Bp)
+                    x, updates[layer] = x + u, (u, (h, w))
+                lap(si, "policy")
+                continue
+            want = policy.wants_entropy(si, layer)
+            lap(si, "policy")
+            if idx is None:
+                xin, rin = x, rope
+            else:
+                idx = idx.to(dev)
+                k_n = idx.numel()
+                xin = torch.index_select(x, 1, idx, out=self.ws.view("xin", (Bp, k_n, sp.width), x.dtype))
+                rin = torch.index_select(rope, 1, idx,
+                                         out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
+                lap(si, "gather_scatter")
+            P = cache_len[layer]
+            xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
+                                     cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
+            m = k.shape[2]
+            cache_k[layer][:Bp, :, P:P + m] = k
+            cache_v[layer][:Bp, :, P:P + m] = v
+            cache_len[layer] = P + m
+            trace.kept[si].append(m)
+            if idx is not None:
+                lap(si, "pruned")
+                if restore:  # kept tokens: their update; pruned ones: the previous scale's, resized
+                    u = (resized_update(updates[layer], (h, w), Bp) if updates[layer] is not None
+                         else torch.zeros_like(x))
+                    u.index_copy_(1, idx, xo.float() - xin)
+                    x, updates[layer] = x + u, (u, (h, w))
+                else:
+                    x.index_copy_(1, idx, xo)
+                lap(si, "gather_scatter")
+            else:
+                if restore:
+                    updates[layer] = (xo.float() - xin, (h, w))
+                if owns:
+                    x.copy_(xo)
+                else:
+                    x = xo
+                lap(si, "dense")
+            if want:
+                policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
+                lap(si, "policy")
+        uniform = st.noise[si]
+        lap(si, "sampling")
+        cfg_t, tau_t = st.cfg_t[si:si + 1], st.tau_t[si:si + 1]
+        if split_head:
+            logits = be.head_logits(si, x, st.cond)
+            lap(si, "head")
+            bits = be.head_sample(si, logits, uniform, cfg_t, tau_t, st.top_p_t)
+            lap(si, "sampling")
+        else:
+            bits = be.head(si, x, st.cond, uniform, cfg_t, tau_t, st.top_p_t)
+            lap(si, "head")
+        dst = st.bits_all[:, st.off:st.off + n]
+        dst.copy_(bits)
+        st.bits_out.append(dst)
+        st.off += n
+        lap(si, "sampling")
+        summed_new, x_next = be.next_input(si, bits, st.summed)
+        if owns:
+            st.summed.copy_(summed_new)
+        else:
+            st.summed = summed_new
+        if x_next is not None:
+            h2, w2 = self.schedule[si + 1]
+            x = self.ws.view("x", (Bp, h2 * w2, sp.width), torch.float32)
+            x.view(Bp // B, B, h2 * w2, sp.width).copy_(x_next.unsqueeze(0).expand(Bp // B, -1, -1, -1))
+        st.x = x
+        lap(si, "next_input")
 
     def release(self) -> None:
-        """Free the preallocated buffers (they are otherwise kept for the next call)."""
+        """Free the preallocated buffers and scale graphs (they are otherwise kept for the next call)."""
+        self.graphs.clear()
         self.ws.clear()
 
 

@@ -1,0 +1,125 @@
+"""Whole-scale CUDA graphs: one graph per scale of a generation plan, replayed with no Python in the loop.
+
+A scale runs ~32-40 layers, each a block call plus, for a pruning policy, its keep/gather/scatter/observe
+work: dozens of small kernels whose launches (and Python) cost more than their GPU time at the first
+scales and around every pruned layer. When a policy's decisions never depend on device values (a pinned
+operating point, fixed baselines; ``Policy.plan_key`` is not None), the orchestrator's scale step issues
+the same kernels on the same buffers in every generation, so each scale is captured once and replayed.
+
+A plan is keyed by the policy's key and the shapes of the generation (batch, CFG, text length); it is
+valid while every buffer the graphs read or write stays at its address (the orchestrator's workspace,
+the backend's conditioning buffers: checked on every call, a moved buffer drops the plan). Life cycle
+per plan: the first generation runs eagerly (warm-up: compilation, library handles, workspaces), the
+second captures every scale and replays it at once (capture does not execute), later ones replay.
+The capturing policy object is kept with the plan: tensors it holds (buffers, state carried from scale
+to scale) are what the graphs read. A capture that fails disables graphs for that plan (the
+generation reruns eagerly, with a warning).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+
+class ScalePlan:
+    """The captured scales of one plan: graph, the state after it and its trace entry, per scale index."""
+
+    def __init__(self, key: tuple, policy, binding: tuple, pool):
+        self.key = key
+        self.policy = policy  # keeps the tensors the graphs read alive
+        self.binding, self.pool = binding, pool
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.after: dict[int, tuple] = {}
+        self.capturing = True
+        self.complete = False
+
+    def run(self, si: int, st, trace, step: Callable) -> object:
+        """Scale ``si`` from state ``st``: replay its graph (returning the captured state after it), or
+        capture ``step(st)`` into a new graph and replay it. Fills ``trace`` for the scale either way."""
+        if not self.capturing:
+            graph = self.graphs.get(si)
+            if graph is None:
+                raise RuntimeError(f"scale graphs: scale {si} was not captured for this plan")
+            graph.replay()
+            after, (tokens, kept, cfg_batch) = self.after[si]
+            trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = tokens, list(kept), cfg_batch
+            return after.copy()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step(st)
+        graph.replay()
+        self.graphs[si] = graph
+        self.after[si] = (st.copy(), (trace.tokens[si], list(trace.kept[si]), trace.cfg_batch[si]))
+        return st
+
+    def finish(self, binding: tuple) -> None:
+        """End of a generation: a capturing plan becomes a replaying one, bound to the buffers as they are
+        now (a buffer first used during the capture is part of the binding)."""
+        self.binding = binding
+        self.complete = True
+        self.capturing = False
+
+
+class ScaleGraphs:
+    """The scale plans of one orchestrator (``backend.capture_scales`` enables them); at most
+    ``max_plans`` are kept (least recently used dropped: each holds its graphs' memory pool)."""
+
+    def __init__(self, backend, max_plans: int = 2):
+        self.enabled = bool(getattr(backend, "capture_scales", False))
+        self.backend, self.max_plans = backend, max_plans
+        self._plans: OrderedDict[tuple, ScalePlan] = OrderedDict()
+        self._warm: set = set()
+        self._failed: set = set()
+
+    def plan(self, policy, st, ws) -> ScalePlan | None:
+        """The plan to run this generation with (capturing or replaying), or None to run eagerly."""
+        if not self.enabled:
+            return None
+        key = policy.plan_key()
+        if key is None:
+            return None
+        key = (key, st.B, st.Bp, st.use_cfg, tuple(st.ca_kv.shape), str(st.ca_kv.dtype), len(st.noise))
+        if key in self._failed:
+            return None
+        binding = self.binding(st, ws)
+        plan = self._plans.get(key)
+        if plan is not None:
+            if plan.complete and plan.binding == binding:
+                self._plans.move_to_end(key)
+                return plan
+            del self._plans[key]  # buffers moved (or an unfinished capture): capture again
+        if key not in self._warm:
+            self._warm.add(key)
+            return None
+        while len(self._plans) >= self.max_plans:
+            self._plans.popitem(last=False)
+        plan = self._plans[key] = ScalePlan(key, policy, binding, torch.cuda.graph_pool_handle())
+        return plan
+
+    @staticmethod
+    def binding(st, ws) -> tuple:
+        """The addresses scale graphs are bound to: the workspace's buffers and the conditioning tensors."""
+        return (ws.addresses(),) + tuple(t.data_ptr() for t in (st.cond, st.ada, st.ca_kv, st.ca_len))
+
+    def fail(self, plan: ScalePlan, exc: BaseException) -> None:
+        """A capture failed: drop the plan, never graph its key again, and say so once."""
+        self._plans.pop(plan.key, None)
+        self._failed.add(plan.key)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed "
+                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                      "running eagerly", RuntimeWarning, stacklevel=3)
+
+    def clear(self) -> bool:
+        """Drop every plan (their graphs and memory pools); whether there were any."""
+        had = bool(self._plans)
+        self._plans.clear()
+        self._warm.clear()
+        if had:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return had

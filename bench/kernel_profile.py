@@ -3,9 +3,12 @@
 Runs the PyTorch pipeline eagerly (no CUDA graphs: every kernel launch is seen; torch.compile'd pieces
 unless --no-compile) after warm-up, at 1024x1024 (every scale) and at 256x256 (only the first scales,
 the launch-bound regime), and groups kernel time: matrix products, attention, Triton (Inductor's fused
-elementwise/reduction kernels), sort, copies/indexing, convolutions, other.
+elementwise/reduction kernels), sort, copies/indexing, convolutions, other. ``--overhead`` also sums the GPU
+kernel time of pinned ToProVAR and of a replay of its kept-token sets: their difference is the policy's
+device work (what it adds inside whole-scale graphs, where launch gaps are ~1 us), a far less noisy number
+than the difference of two end-to-end latencies.
 
-    python bench/kernel_profile.py --model infinity-2b     # bench/results/kernel_profile_infinity-2b.{json,md}
+    python bench/kernel_profile.py --model infinity-2b --overhead   # bench/results/kernel_profile_infinity-2b.{json,md}
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from collections import defaultdict
 import torch
 from common import environment, write_results
 
-from toprovar.benchmark.e2e import build_policy
+from toprovar.benchmark.e2e import Recorder, ReplayPolicy, build_policy
 from toprovar.pipeline import Pipeline, resolve_schedule
 
 GROUPS = [("matmul", r"gemm|gemv|cutlass|sm90_xmma|nvjet|cublas"), ("attention", r"fmha|flash|attention|fae"),
@@ -31,12 +34,11 @@ def group(name: str) -> str:
     return "other"
 
 
-def profile_once(pipe, text, lengths, resolution, policy_name, depth):
-    S = len(resolve_schedule(pipe.cfg, resolution, 1.0))
-
+def profile_once(pipe, text, lengths, resolution, make_policy):
+    """{kernel name: [launches, GPU ms]} of one generation with ``make_policy()`` (after two warm-up runs)."""
     def gen():
         return pipe.generate_from_features(text, lengths, seed=1, resolution=resolution, cfg=3.0, tau=0.5,
-                                           policy=build_policy(policy_name, depth, None, S), progress=False)
+                                           policy=make_policy(), progress=False)
     for _ in range(2):
         gen()
     torch.cuda.synchronize()
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--policy", default="none")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--overhead", action="store_true",
+                    help="also: GPU kernel time of pinned ToProVAR minus a replay of its kept sets (policy work)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     pipe = Pipeline.load(args.model, device="cuda", dtype=torch.bfloat16, text_encoder=False)
@@ -67,8 +71,10 @@ def main() -> None:
     lengths = torch.tensor([32], dtype=torch.int32, device=dev)
     rows, payload = [], {"model": args.model, "policy": args.policy, "compile": pipe.compile,
                          "environment": environment(dev), "runs": {}}
+    depth = pipe.cfg.depth
     for res in (1024, 256):
-        kernels = profile_once(pipe, text, lengths, res, args.policy, pipe.cfg.depth)
+        S = len(resolve_schedule(pipe.cfg, res, 1.0))
+        kernels = profile_once(pipe, text, lengths, res, lambda: build_policy(args.policy, depth, None, S))
         total = sum(t for _, t in kernels.values())
         launches = sum(c for c, _ in kernels.values())
         groups = defaultdict(lambda: [0, 0.0])
@@ -87,6 +93,20 @@ def main() -> None:
         print(f"{res}px: {total:.1f} ms GPU in {launches} launches", flush=True)
         for n, c, t in payload["runs"][res]["top"][:args.top]:
             print(f"  {t:8.2f} ms {c:6d}x  {n[:110]}", flush=True)
+    if args.overhead:  # GPU kernel time of ToProVAR (pinned) minus a replay of its kept sets, 1024x1024
+        S = len(resolve_schedule(pipe.cfg, 1024, 1.0))
+        rec = Recorder(build_policy("toprovar", depth, None, S))
+        prof = pipe.generate_from_features(text, lengths, seed=1, resolution=1024, cfg=3.0, tau=0.5, policy=rec,
+                                           progress=False)
+        replay = ReplayPolicy(dict(rec.log), set(prof.trace.kept), dict(prof.trace.cfg_batch))
+        ms = {}
+        for name, make in (("toprovar", lambda: build_policy("toprovar", depth, None, S)), ("replay", lambda: replay)):
+            ms[name] = sum(t for _, t in profile_once(pipe, text, lengths, 1024, make).values())
+        payload["overhead_kernel_ms"] = ms
+        rows.append({"resolution": 1024, "group": "toprovar minus replay (policy kernels)", "launches": 0,
+                     "GPU ms": ms["toprovar"] - ms["replay"], "share %": 100 * (ms["toprovar"] - ms["replay"])
+                     / ms["toprovar"], "us per launch": 0.0})
+        print(f"policy kernels: toprovar {ms['toprovar']:.1f} ms GPU, replay {ms['replay']:.1f} ms", flush=True)
     write_results(f"kernel_profile_{args.model}", payload, rows,
                   f"GPU kernel time of one generation, {args.model} bf16, policy {args.policy}, "
                   f"{'compiled' if pipe.compile else 'eager'} pieces, no CUDA graphs (torch.profiler)")

@@ -47,7 +47,7 @@ def _pruned_scales(res) -> set[int]:
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--runs", "1", "--warmup", "0",
-                 "--policies", "none,toprovar", "--out", str(tmp_path)]) == 0
+                 "--policies", "none,toprovar", "--overhead-runs", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     js, md = tmp_path / "e2e_tiny.json", tmp_path / "e2e_tiny.md"
     assert str(js) in out and str(md) in out
@@ -66,7 +66,9 @@ def test_cli_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
         assert run["piece_check"] == [], run["piece_check"]
         assert run["latency"]["runs"] == 1 and run["latency"]["median_ms"] > 0
     top = data["runs"]["toprovar"]
-    assert {"replay_latency", "policy_overhead_ms", "report"} <= set(top)
+    assert {"replay_latency", "policy_overhead_ms", "overhead_paired", "report"} <= set(top)
+    pair = top["overhead_paired"]
+    assert pair["diff"]["min_ms"] <= top["policy_overhead_ms"] <= pair["diff"]["max_ms"]
     assert top["relative_flops"] < 1.0 and top["report"]["D"] == 3
     pruned = {int(si) for si, d in top["piece_ms"].items() if "pruned" in d}
     assert pruned == {3, 4, 5, 6}
@@ -202,3 +204,13 @@ def test_profile_does_not_change_the_result(pipe, policy):
     assert a.trace.kept == b.trace.kept
     assert a.scale_ms == [] and a.stage_ms == {} and a.piece_ms == {}
     assert len(b.piece_ms) == len(b.bits)
+
+
+def test_time_paired_resolves_a_difference():
+    """Alternating calls: the median paired difference recovers a fixed 8 ms extra cost of one function."""
+    import time
+    from toprovar.benchmark.common import time_paired
+    res = time_paired(lambda: time.sleep(0.010), lambda: time.sleep(0.002), "cpu", warmup=1, runs=6)
+    assert res["a"]["runs"] == res["b"]["runs"] == res["diff"]["runs"] == 6
+    assert 6.0 < res["diff"]["median_ms"] < 20.0
+    assert res["diff"]["min_ms"] <= res["diff"]["median_ms"] <= res["diff"]["max_ms"]

@@ -73,6 +73,25 @@ def time_fn(fn: Callable[[], object], device: str | torch.device = "cuda", warmu
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs}
 
 
+def time_paired(fn_a: Callable[[], object], fn_b: Callable[[], object], device: str | torch.device = "cuda",
+                warmup: int = 1, runs: int = 10) -> dict:
+    """Alternate ``fn_a`` and ``fn_b`` (a, b, a, b, ...) after ``warmup`` calls of each and time every call
+    (``time_fn``'s clocks): a slow drift of the device (clocks, temperature) hits both alike, so the median
+    of the paired differences a_i - b_i resolves a small difference that two separate medians cannot.
+    Returns {"a": timing, "b": timing, "diff": timing of a_i - b_i} (median/min/max milliseconds, runs)."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(runs):
+        ta.append(time_fn(fn_a, device, 0, 1)["median_ms"])
+        tb.append(time_fn(fn_b, device, 0, 1)["median_ms"])
+
+    def stats(v):
+        return {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "runs": runs}
+    return {"a": stats(ta), "b": stats(tb), "diff": stats([a - b for a, b in zip(ta, tb)])}
+
+
 def time_cuda(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> dict:
     """``time_fn`` on CUDA (CUDA events)."""
     return time_fn(fn, "cuda", warmup, runs)

@@ -5,12 +5,13 @@ and where the time goes per scale and per piece.
     toprovar bench --model tiny --device cpu --runs 2 --out /tmp/bench        # CPU smoke run
 
 Random weights (drawn on the CPU from a seed), random text features standing in for flan-t5-xl, batch 1
-with CFG (2 rows), the PyTorch backend (with CUDA-graph replay of unpruned layers on CUDA); on CUDA bf16
+with CFG (2 rows), the PyTorch backend (compiled pieces and whole-scale CUDA graphs on CUDA); on CUDA bf16
 at the model's default resolution (1024x1024 for Infinity). Random weights give no meaningful entropy, so
 the ToProVAR variants run a pinned operating point (``operating_point``, or ``--calibration``): D,
 Global/Detail layer classes and the Detail keep fraction are fixed, while every per-token computation (FAE
-entropy, P_keep, top-k selection, gather/scatter) still runs. Policy overhead = ToProVAR's latency minus a
-replay of the same kept-token sets with no entropy, statistics or selection (the work the policy adds).
+entropy, P_keep, top-k selection, gather/scatter) still runs. Policy overhead = the median of paired differences
+between ToProVAR and a replay of the same kept-token sets with no entropy, statistics or selection (the work
+the policy adds), the two run alternately (``time_paired``, ``--overhead-runs`` pairs).
 Latency: CUDA events on CUDA, perf_counter on the CPU. One profiled run per policy gives the per-scale and
 per-piece times (``GenerationResult.piece_ms``) written to the JSON and, for ``--breakdown`` policies,
 as Markdown tables.
@@ -29,7 +30,7 @@ from ..pipeline import Pipeline, resolve_schedule, vae_stride
 from ..policy import POLICIES, Policy, ToProVARConfig, make_policy, policy_report
 from ..policy.toprovar import ToProVARPolicy
 from .breakdown import breakdown_section, check_pieces, piece_totals
-from .common import environment, time_fn, timing_method, write_results
+from .common import environment, time_fn, time_paired, timing_method, write_results
 
 PEAK_TFLOPS = 790.0  # measured bf16 dense matmul rate of this workplace's H100/H200 (device notes)
 POLICY_NAMES = ["none", "toprovar", "toprovar-scale", "toprovar-scale-layer", "toprovar-scale-token",
@@ -107,6 +108,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="longer image side in pixels (default: the model's, 1024 for Infinity, 64 for tiny)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per policy (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
+    p.add_argument("--overhead-runs", type=int, default=10,
+                   help="ToProVAR / replay pairs, run alternately, for the policy overhead")
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated policy names")
     p.add_argument("--calibration", default=None, help="calibration JSON for the ToProVAR variants "
                                                        "(default: the pinned operating point)")
@@ -126,8 +129,9 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if args.runs < 1 or args.warmup < 0:
-        raise ValueError(f"--runs {args.runs} / --warmup {args.warmup}: need runs >= 1 and warmup >= 0")
+    if args.runs < 1 or args.warmup < 0 or args.overhead_runs < 1:
+        raise ValueError(f"--runs {args.runs} / --warmup {args.warmup} / --overhead-runs {args.overhead_runs}: "
+                         "need runs >= 1, warmup >= 0 and overhead-runs >= 1")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     if not names:
         raise ValueError("--policies: no policy given")
@@ -182,9 +186,11 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
                "skipped_scales": rep["skipped_scales"], "policy": factory().params()}
         if isinstance(rec.inner, ToProVARPolicy):
             replay = ReplayPolicy(dict(rec.log), set(prof.trace.kept), dict(prof.trace.cfg_batch))
-            rt = timed(lambda: gen(replay))
-            run["replay_latency"] = rt
-            run["policy_overhead_ms"] = ms - rt["median_ms"]
+            pair = time_paired(lambda: gen(factory()), lambda: gen(replay), device, warmup=max(args.warmup, 2),
+                               runs=args.overhead_runs)
+            run["replay_latency"] = pair["b"]
+            run["overhead_paired"] = pair
+            run["policy_overhead_ms"] = pair["diff"]["median_ms"]
             run["report"] = rec.inner.report()
         runs[name] = run
         floor_ms = rep["flops"] / (args.peak_tflops * 1e12) * 1e3

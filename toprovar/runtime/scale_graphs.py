@@ -33,8 +33,7 @@ class ScalePlan:
         self.binding, self.pool = binding, pool
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.after: dict[int, tuple] = {}
-        self.capturing = True
-        self.complete = False
+        self.capturing = True  # False once a generation has captured every scale it ran: replaying
 
     def run(self, si: int, st, trace, step: Callable) -> object:
         """Scale ``si`` from state ``st``: replay its graph (returning the captured state after it), or
@@ -59,7 +58,6 @@ class ScalePlan:
         """End of a generation: a capturing plan becomes a replaying one, bound to the buffers as they are
         now (a buffer first used during the capture is part of the binding)."""
         self.binding = binding
-        self.complete = True
         self.capturing = False
 
 
@@ -87,7 +85,7 @@ class ScaleGraphs:
         binding = self.binding(st, ws)
         plan = self._plans.get(key)
         if plan is not None:
-            if plan.complete and plan.binding == binding:
+            if not plan.capturing and plan.binding == binding:
                 self._plans.move_to_end(key)
                 return plan
             del self._plans[key]  # buffers moved (or an unfinished capture): capture again

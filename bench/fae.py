@@ -2,9 +2,11 @@
 materialised entropy, at Infinity-2B (H=16) and Infinity-8B (H=28) shapes: B=2 (CFG), d=128, bf16,
 Nq = h*w of each scale, Nk = cumulative tokens incl. the current scale. CUDA events, median.
 
-    python bench/fae.py [--out-dir bench/results] [--runs 20] [--quick]
+    python bench/fae.py [--out-dir bench/results] [--runs 20] [--quick] [--layout bshd]
 
-Writes fae.json and fae.md to --out-dir.
+``--layout bshd``: q, k, v as (B, H, N, d) views of token-major (B, N, H, d) memory, the layout the PyTorch
+runtime passes (projections and KV caches are token-major); default: contiguous (B, H, N, d).
+Writes fae.json and fae.md (fae_bshd.*) to --out-dir.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def shapes():
             yield model, heads, s, s * s, cum
 
 
+def tensor(B: int, heads: int, n: int, layout: str) -> torch.Tensor:
+    """(B, heads, n, D) bf16 random, contiguous ("bhsd") or a view of (B, n, heads, D) memory ("bshd")."""
+    if layout == "bshd":
+        return torch.randn(B, n, heads, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    return torch.randn(B, heads, n, D, device="cuda", dtype=torch.bfloat16)
+
+
 def naive(q, k, v, scale):
     s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     a = torch.softmax(s, dim=-1)
@@ -48,6 +57,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="last 4 scales only")
     ap.add_argument("--variants", default="5,6,8,7,3", help="FAE kernel variants to time (fae_set_variant)")
+    ap.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                    help="memory order of q, k, v: contiguous (B, H, N, d) or token-major (B, N, H, d)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     variants = [int(x) for x in args.variants.split(",") if x]
@@ -56,9 +67,7 @@ def main(argv=None):
         if args.quick and side < 40:
             continue
         B = 2
-        q = torch.randn(B, heads, nq, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, heads, nk, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(B, heads, nk, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (tensor(B, heads, n, args.layout) for n in (nq, nk, nk))
         scale = 1 / math.sqrt(D)
         flop = 4.0 * B * heads * nq * nk * D
         warm = 3
@@ -104,7 +113,7 @@ def main(argv=None):
               " ".join(f"{n} {m:.3f}" for n, m in row["ms"].items()), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    payload = {"environment": environment(), "dtype": "bf16", "batch": 2, "head_dim": D,
+    payload = {"environment": environment(), "dtype": "bf16", "batch": 2, "head_dim": D, "layout": args.layout,
                "variants": {
                             1: "128 q x 64 k, 8 warps, 16 rows/warp", 2: "64 q x 128 k, 4 warps, 16 rows/warp",
                             3: "128 q x 64 k, 4 warps, 32 rows/warp, Q in smem",
@@ -115,7 +124,8 @@ def main(argv=None):
                             6: "as 5 with 3 stages", 7: "mma.sync 64 q x 64 k (the sm_80 default tiles)",
                             8: "as 6 with ping-pong of the 2 consumer warpgroups (named barriers)"},
                "results": rows}
-    md = write_results("fae", payload, table, "Flash Attention Entropy vs SDPA (bf16, B=2, d=128)",
+    name, what = ("fae", "contiguous (B, H, N, d)") if args.layout == "bhsd" else ("fae_bshd", "token-major q/k/v")
+    md = write_results(name, payload, table, f"Flash Attention Entropy vs SDPA (bf16, B=2, d=128, {what})",
                        out_dir=args.out_dir)
     print(md.read_text())
 

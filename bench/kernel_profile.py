@@ -99,10 +99,19 @@ def main() -> None:
         prof = pipe.generate_from_features(text, lengths, seed=1, resolution=1024, cfg=3.0, tau=0.5, policy=rec,
                                            progress=False)
         replay = ReplayPolicy(dict(rec.log), set(prof.trace.kept), dict(prof.trace.cfg_batch))
-        ms = {}
+        ms, per = {}, {}
         for name, make in (("toprovar", lambda: build_policy("toprovar", depth, None, S)), ("replay", lambda: replay)):
-            ms[name] = sum(t for _, t in profile_once(pipe, text, lengths, 1024, make).values())
+            per[name] = profile_once(pipe, text, lengths, 1024, make)
+            ms[name] = sum(t for _, t in per[name].values())
         payload["overhead_kernel_ms"] = ms
+        # the kernels whose time differs most between the two: what the policy's device work consists of
+        names = set(per["toprovar"]) | set(per["replay"])
+        delta = sorted(([n, per["toprovar"].get(n, [0, 0.0])[0] - per["replay"].get(n, [0, 0.0])[0],
+                         per["toprovar"].get(n, [0, 0.0])[1] - per["replay"].get(n, [0, 0.0])[1]] for n in names),
+                       key=lambda r: -abs(r[2]))[:args.top]
+        payload["overhead_kernel_deltas"] = delta
+        for n, dc, dt in delta:
+            print(f"  {dt:+8.2f} ms {dc:+6d}x  {n[:110]}", flush=True)
         rows.append({"resolution": 1024, "group": "toprovar minus replay (policy kernels)", "launches": 0,
                      "GPU ms": ms["toprovar"] - ms["replay"], "share %": 100 * (ms["toprovar"] - ms["replay"])
                      / ms["toprovar"], "us per launch": 0.0})

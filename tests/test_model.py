@@ -7,7 +7,7 @@ import pytest
 from toprovar.config import get_config
 from toprovar.model.checkpoint import CheckpointError, save_state_dict
 from toprovar.model.infinity import Infinity, build_model
-from toprovar.model.pieces import NextInputPiece
+from toprovar.model.pieces import BlockPiece, CachedBlockPiece, NextInputPiece
 from toprovar.model.rope import rope_tables
 from toprovar.schedule import get_schedule, rope_grid_side
 
@@ -68,6 +68,36 @@ def test_kv_cache_equals_teacher_forcing(tiny):
     cached = torch.cat(logits_cached, 1)
     assert cached.shape == (Bp, sum(counts), cfg.token_bits, 2)
     torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_cached_block_piece_equals_block_piece(tiny, entropy):
+    """The in-place KV-cache form (PyTorch backend) against the exported form, float64: same x and entropy;
+    the new keys/values land in the cache at [P, P+n) and nothing else of the cache changes."""
+    import copy
+    cfg = tiny.cfg
+    blk = copy.deepcopy(tiny.blocks[2]).double()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, hd, n, P, room = 2, cfg.num_heads, cfg.head_dim, 9, 13, 5
+    text, lengths = _text(cfg, B=1)
+    _, ada, ca_kv, ca_len = tiny.condition(text, lengths, True)
+    ada, ca_kv = ada.double(), ca_kv.double()
+    x = torch.randn(B, n, cfg.width, generator=g, dtype=torch.float64)
+    rope = rope_tables(hd, [(3, 3)], (3, 3))[0].double()
+    cache_k = torch.randn(B, H, P + n + room, hd, generator=g, dtype=torch.float64)
+    cache_v = torch.randn_like(cache_k)
+    before_k, before_v = cache_k.clone(), cache_v.clone()
+    want = BlockPiece(blk, entropy)(x, ada, ca_kv, ca_len, rope, cache_k[:, :, :P], cache_v[:, :, :P])
+    got_x, got_ent = CachedBlockPiece(blk)(x, ada, ca_kv, ca_len, rope, cache_k, cache_v, P, entropy)
+    torch.testing.assert_close(got_x, want[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cache_k[:, :, P:P + n], want[1], atol=0, rtol=0)
+    torch.testing.assert_close(cache_v[:, :, P:P + n], want[2], atol=0, rtol=0)
+    for got, orig in ((cache_k, before_k), (cache_v, before_v)):
+        assert torch.equal(got[:, :, :P], orig[:, :, :P]) and torch.equal(got[:, :, P + n:], orig[:, :, P + n:])
+    if entropy:
+        torch.testing.assert_close(got_ent, want[3], atol=1e-12, rtol=1e-12)
+    else:
+        assert got_ent is None
 
 
 def test_checkpoint_round_trip(tiny, tmp_path):

@@ -635,7 +635,7 @@ def test_restore_gives_a_skipped_layer_its_resized_previous_update():
     text, lengths = pipe.text_encoder.encode(["a red circle"])
     sched, layer = orch.schedule, pipe.cfg.depth - 1
     be, seen = orch.backend, {}
-    block, head = be.block, be.head
+    block, head = be.block_in_cache, be.head
 
     def spy_block(li, x, *a, **kw):
         out = block(li, x, *a, **kw)
@@ -648,12 +648,12 @@ def test_restore_gives_a_skipped_layer_its_resized_previous_update():
             seen.setdefault("head_x", []).append(x.double().clone())
         return head(si, x, *a, **kw)
 
-    be.block, be.head = spy_block, spy_head
+    be.block_in_cache, be.head = spy_block, spy_head
     try:
         res = [orch.generate(text, lengths, seed=2, policy=_SkipLayerPolicy(layer, r), progress=False, cfg=1.0)
                for r in (False, True)]
     finally:
-        be.block, be.head = block, head
+        be.block_in_cache, be.head = block, head
     (ph, pw), (h, w) = sched[-2], sched[-1]
     u = seen["update"].transpose(1, 2).reshape(1, -1, ph, pw)
     u = torch.nn.functional.interpolate(u, size=(h, w), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)

@@ -279,10 +279,10 @@ class TeacherBackend(TorchBackend):
         self.rec["cond"], self.rec["ada"], self.rec["ca_kv"], self.rec["ca_len"] = out[:4]
         return out
 
-    def block(self, layer, x, *args):
+    def block_in_cache(self, layer, x, *args):
         if layer == 0:
             self.rec["x0"].append(x.clone())
-        return super().block(layer, x, *args)
+        return super().block_in_cache(layer, x, *args)
 
     def head(self, si, x, cond, uniform, cfg, tau, top_p):
         self.rec["logits"].append(self.model.logits(x, cond))

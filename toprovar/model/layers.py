@@ -51,36 +51,45 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, n, C) -> q, k, v (B, H, n, hd) in the compute dtype; q, k normalised, scaled, rotated."""
+        """x (B, n, C), rope (2, n, hd/2) or per row (2, B, n, hd/2) -> q, k, v (B, H, n, hd) in the compute
+        dtype, q and k normalised, q scaled, both rotated. They are token-major views of (B, n, H, hd)
+        memory (the projection's layout): attention then writes its output token-major too, and merging
+        its heads before ``proj`` is free."""
         B, n, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias])
-        qkv = linear(x, self.mat_qkv, bias).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        scale_mul = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp()
+        q, k, v = linear(x, self.mat_qkv, bias).view(B, n, 3, self.num_heads, self.head_dim).unbind(2)
+        scale_mul = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().transpose(1, 2)  # (1, 1, H, 1)
         q = F.normalize(q.float(), dim=-1, eps=1e-12) * scale_mul
         k = F.normalize(k.float(), dim=-1, eps=1e-12)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        rope = rope.unsqueeze(-2)  # broadcast over heads
         dt = self.mat_qkv.weight.dtype
-        return q.to(dt), k.to(dt), v
+        return tuple(t.to(dt).transpose(1, 2) for t in (apply_rope(q, rope), apply_rope(k, rope), v))
+
+    @staticmethod
+    def attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q (B, H, n, hd); keys/vals (B, H, P+n, hd), any strides with a contiguous last dim ->
+        (o (B, H, n, hd), entropy (B, H, n) | (B, n) float32 | None). ``attn_mask`` (n, P+n) bool only for
+        teacher forcing (no entropy then)."""
+        if attn_mask is not None:
+            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0), None
+        return attention(q, keys, vals, 1.0, entropy=entropy)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o (B, H, n, hd) -> proj (B, n, C) in the compute dtype."""
+        B, H, n, hd = o.shape
+        return linear(o.transpose(1, 2).reshape(B, n, H * hd), self.proj)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, entropy: str | None = None):
         """x (B, n, C); rope (2, n, hd/2); past_k/v (B, H, P, hd) (P may be 0).
 
-        Returns (out (B, n, C) compute dtype, k, v (B, H, n, hd) to append to the cache,
-        entropy (B, H, n) | (B, n) float32 | None). ``attn_mask`` (n, P+n) bool only for teacher forcing.
+        Returns (out (B, n, C) compute dtype, k, v (B, H, n, hd) to append to the cache, entropy (see
+        ``attend``)).
         """
-        B, n, C = x.shape
         q, k, v = self.qkv(x, rope)
-        keys = torch.cat([past_k, k], dim=2)
-        vals = torch.cat([past_v, v], dim=2)
-        if attn_mask is not None:
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0)
-            ent = None
-        else:
-            o, ent = attention(q, keys, vals, 1.0, entropy=entropy)
-        o = o.transpose(1, 2).reshape(B, n, C)
-        return linear(o, self.proj), k, v, ent
+        o, ent = self.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), attn_mask, entropy)
+        return self.output(o), k, v, ent
 
 
 class CrossAttention(nn.Module):
@@ -146,22 +155,38 @@ class CrossAttnBlock(nn.Module):
         self.ca_norm = nn.LayerNorm(width, eps=eps)
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
 
+    def modulation(self, ada: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """ada (B, 1, 6, C) float32 -> gamma1, gamma2, scale1, scale2, shift1, shift2, each (B, 1, C)."""
+        return (self.ada_gss.float() + ada).unbind(2)
+
+    def attention_inputs(self, x: torch.Tensor, ada: torch.Tensor, rope: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, n, C) float32, ada (B, 1, 6, C), rope (2, n, hd/2) -> the self-attention's q, k, v
+        (B, H, n, hd) in the compute dtype (modulated LayerNorm, projection, q/k normalisation, RoPE)."""
+        _, _, s1, _, b1, _ = self.modulation(ada)
+        return self.sa.qkv(layer_norm(x, self.eps) * (s1 + 1) + b1, rope)
+
+    def attention_outputs(self, x: torch.Tensor, ada: torch.Tensor, o: torch.Tensor, ca_kv: torch.Tensor,
+                          ca_lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, n, C) float32 (the block's input), o (B, H, n, hd) the self-attention output ->
+        x (B, n, C) float32 after the self-attention residual, the cross-attention and the FFN."""
+        g1, g2, _, s2, _, b2 = self.modulation(ada)
+        x = x + self.sa.output(o).float() * g1
+        x = x + self.ca(layer_norm(x, self.eps, self.ca_norm.weight, self.ca_norm.bias), ca_kv, ca_lengths).float()
+        h = layer_norm(x, self.eps) * (s2 + 1) + b2
+        return x + self.ffn(h).float() * g2
+
     def forward(self, x: torch.Tensor, ada: torch.Tensor, ca_kv: torch.Tensor, ca_lengths: torch.Tensor,
                 rope: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, entropy: str | None = None):
         """x (B, n, C) float32; ada (B, 1, 6, C) float32; ca_kv (B, L, C); ca_lengths (B,) int32;
         rope (2, n, hd/2); past_k/v (B, H, P, hd).
 
-        Returns x (B, n, C) float32, k, v (B, H, n, hd), self-attention entropy (see SelfAttention).
+        Returns x (B, n, C) float32, k, v (B, H, n, hd), self-attention entropy (see SelfAttention.attend).
         """
-        g1, g2, s1, s2, b1, b2 = (self.ada_gss.float() + ada).unbind(2)
-        h = layer_norm(x, self.eps) * (s1 + 1) + b1
-        a, k, v, ent = self.sa(h, rope, past_k, past_v, attn_mask, entropy)
-        x = x + a.float() * g1
-        x = x + self.ca(layer_norm(x, self.eps, self.ca_norm.weight, self.ca_norm.bias), ca_kv, ca_lengths).float()
-        h = layer_norm(x, self.eps) * (s2 + 1) + b2
-        x = x + self.ffn(h).float() * g2
-        return x, k, v, ent
+        q, k, v = self.attention_inputs(x, ada, rope)
+        o, ent = self.sa.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), attn_mask, entropy)
+        return self.attention_outputs(x, ada, o, ca_kv, ca_lengths), k, v, ent
 
 
 class TextAttentivePool(nn.Module):

@@ -45,6 +45,34 @@ class BlockPiece(nn.Module):
         return (x, k, v, ent) if self.entropy else (x, k, v)
 
 
+class CachedBlockPiece:
+    """``BlockPiece``'s computation with the KV cache written in place: the PyTorch backend's form.
+
+    ONNX has no in-place writes, so the exported ``BlockPiece`` takes the cache prefix and concatenates
+    the new keys/values to it, a copy of the whole prefix per layer (at the 2B last scale, 10.5k keys and
+    values per layer for 4k new ones). Here the same block methods run with the new keys/values written
+    into the cache at [P, P+n) and attention reading the prefix [0, P+n) in place. ``inputs``/``outputs``
+    are the block's ``attention_inputs``/``attention_outputs`` or compiled versions of them.
+    """
+
+    def __init__(self, block: CrossAttnBlock, inputs=None, outputs=None):
+        self.block = block
+        self.inputs = inputs or block.attention_inputs
+        self.outputs = outputs or block.attention_outputs
+
+    def __call__(self, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past: int, entropy: bool):
+        """x (B', n, C) float32, ada, ca_kv, ca_lengths, rope as ``BlockPiece``; cache_k/cache_v
+        (B', H, >= past+n, hd) holding ``past`` keys/values -> x (B', n, C) float32 and, with ``entropy``,
+        the head-mean self-attention entropy (B', n) float32, else None. Writes cache[:, :, past:past+n]."""
+        q, k, v = self.inputs(x, ada, rope)
+        end = past + k.shape[2]
+        cache_k[:, :, past:end].copy_(k)
+        cache_v[:, :, past:end].copy_(v)
+        o, ent = self.block.sa.attend(q, cache_k[:, :, :end], cache_v[:, :, :end],
+                                      entropy="mean" if entropy else None)
+        return self.outputs(x, ada, o, ca_kv, ca_lengths), ent
+
+
 class HeadPiece(nn.Module):
     """x (B', n, C) float32, cond (B', C) float32, uniform (B, n, bits) float32, cfg/tau/top_p (1,)
     float32 -> bits (B, n, token_bits) float32 in {0, 1} (CFG mixing when B' = 2B)."""

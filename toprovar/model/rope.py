@@ -31,7 +31,8 @@ def rope_tables(head_dim: int, schedule: list[tuple[int, int]], grid: tuple[int,
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, H, N, d) by rope (2, N, d/2); computed in float32, x's dtype out."""
+    """Rotate adjacent pairs of x (..., d) by rope (2, ..., d/2) (cos, sin; broadcast against x without its
+    last dim, e.g. x (B, N, H, d) and rope (2, N, 1, d/2)); computed in float32, x's dtype out."""
     cos, sin = rope[0].float(), rope[1].float()
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]

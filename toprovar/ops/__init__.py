@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .reference import attention_entropy_reference, key_mask_from_lengths
+from .reference import attention_entropy_reference, key_mask_from_lengths, like_q
 
 EntropyMode = Literal["heads", "mean"] | None
 _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -25,13 +25,13 @@ def _attention_with_entropy_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                key_lengths: torch.Tensor | None, head_mean: bool
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     o, h = attention_entropy_reference(q, k, v, scale, key_lengths)
-    return o, (h.mean(dim=1) if head_mean else h)
+    return like_q(o, q), (h.mean(dim=1) if head_mean else h)
 
 
 @_attention_with_entropy_op.register_fake
 def _(q, k, v, scale, key_lengths, head_mean):
     B, H, Nq, _ = q.shape
-    o = q.new_empty(B, H, Nq, v.shape[-1])
+    o = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(B, H, Nq, v.shape[-1])
     h = q.new_empty((B, Nq) if head_mean else (B, H, Nq), dtype=torch.float32)
     return o, h
 
@@ -48,8 +48,9 @@ def attention_with_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and per-query softmax entropy (nats).
 
-    q: (B, H, Nq, d); k, v: (B, H, Nk, d); key_lengths: optional (B,) int32 valid key counts.
-    Returns O (B, H, Nq, d) in q's dtype and H float32, (B, H, Nq) or (B, Nq) with ``head_mean``.
+    q: (B, H, Nq, d); k, v: (B, H, Nk, d), any strides; key_lengths: optional (B,) int32 valid key counts.
+    Returns O (B, H, Nq, d) in q's dtype and layout (``like_q``) and H float32, (B, H, Nq) or (B, Nq) with
+    ``head_mean``.
     """
     return torch.ops.toprovar.attention_with_entropy(q, k, v, float(scale), key_lengths, head_mean)
 

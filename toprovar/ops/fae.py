@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import attention_entropy_reference
+from .reference import attention_entropy_reference, like_q
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "native"
@@ -137,7 +137,7 @@ def fae_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                key_lengths: torch.Tensor | None = None, head_mean: bool = False, *,
                out: tuple[torch.Tensor, torch.Tensor] | None = None,
                variant: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native FAE kernel: O (B,H,Nq,d) in q's dtype and H float32 nats ((B,H,Nq) or (B,Nq)).
+    """The native FAE kernel: O (B,H,Nq,d) in q's dtype and layout and H float32 nats ((B,H,Nq) or (B,Nq)).
 
     bf16/fp16 CUDA tensors, d in {64, 128}, (B,H,N,d) with any strides whose last dim is contiguous.
     ``out``: optional preallocated contiguous (O, H) to write into (tests poison them first).
@@ -161,7 +161,7 @@ def fae_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 or h.dtype != torch.float32 or not h.is_contiguous()):
             raise ValueError("fae_kernel: out must be contiguous (O like q, H float32 of the entropy shape)")
     else:
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        o = torch.empty_like(q)  # q's layout (any O strides are fine): heads of a (B, N, H, d)-major O merge free
         h = torch.empty(h_shape, dtype=torch.float32, device=q.device)
     kl = None
     if key_lengths is not None:
@@ -256,13 +256,14 @@ def cuda_attention_with_entropy(q, k, v, scale, key_lengths, head_mean):
     fast = q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
     if not fast or _backend == "reference":
         o, h = attention_entropy_reference(q, k, v, scale, key_lengths)
-        return o, (h.mean(dim=1) if head_mean else h)
+        return like_q(o, q), (h.mean(dim=1) if head_mean else h)
     same_d = v.shape[-1] == q.shape[-1]
     if _backend == "kernel" and q.shape[-1] in (64, 128) and same_d:
         return fae_kernel(q, k, v, scale, key_lengths, head_mean)
     if _backend == "auto" and same_d and hopper_kernel_available(q):
         return fae_kernel(q, k, v, scale, key_lengths, head_mean)
-    return augmented_v_entropy(q, k, v, scale, key_lengths, head_mean)
+    o, h = augmented_v_entropy(q, k, v, scale, key_lengths, head_mean)
+    return like_q(o, q), h
 
 
 def register(op) -> None:

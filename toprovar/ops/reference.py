@@ -28,6 +28,14 @@ def key_mask_from_lengths(key_lengths: torch.Tensor | None, batch: int, n_keys: 
     return (ar[None, :] < key_lengths.to(device)[:, None]).view(batch, 1, 1, n_keys)
 
 
+def like_q(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """O laid out as the entropy op promises: with q's strides when its head dim is q's (q may be a
+    (B, N, H, d)-major view: then O is too, and merging its heads is free), else contiguous."""
+    if o.shape != q.shape or o.stride() == q.stride():
+        return o
+    return torch.empty_like(q, dtype=o.dtype).copy_(o)
+
+
 def attention_entropy_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                 key_lengths: torch.Tensor | None = None,
                                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,

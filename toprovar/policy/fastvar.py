@@ -60,7 +60,7 @@ class FastVARBlock:
     @staticmethod
     def run(block: CrossAttnBlock, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, hw: tuple[int, int],
             ratio: float = 0.0, cache: tuple[dict, tuple[int, int]] | None = None, store: dict | None = None):
-        g1, g2, s1, s2, b1, b2 = (block.ada_gss.float() + ada).unbind(2)
+        g1, g2, s1, s2, b1, b2 = block.modulation(ada)
         prune = ratio > 0.0
         if prune and cache is None:
             raise ValueError("fastvar: a pruned scale needs the cache scale's branch outputs (cache_scale)")
@@ -80,7 +80,7 @@ class FastVARBlock:
 
         def sa(t, idx):
             h = layer_norm(t, block.eps) * (s1 + 1) + b1
-            r = rope if idx is None else rope[:, idx].unsqueeze(2)  # (2, B', 1, k, hd/2): per-row RoPE
+            r = rope if idx is None else rope[:, idx]  # (2, B', k, hd/2): per-row RoPE
             a, k, v, _ = block.sa(h, r, past_k, past_v)
             kv["k"], kv["v"] = k, v
             return a.float() * g1

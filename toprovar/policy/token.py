@@ -68,14 +68,12 @@ def descending_order(p: torch.Tensor) -> torch.Tensor:
 def ascending_first(order: torch.Tensor, k: int) -> torch.Tensor:
     """``order[:k]`` of a permutation ``order`` (n,) int64, in ascending order: (k,) int64.
 
-    No sort and no host read: the chosen tokens' mask and its prefix sum give each chosen index its rank
-    (other indices go to a discarded slot k), so the result is ``order[:k].sort().values`` exactly.
+    No sort and no host read: the chosen tokens' mask, compacted by ``nonzero_static`` (its size is k, so
+    it needs no count on the host; on CUDA a fixed chain of small kernels), is ``order[:k].sort().values``
+    exactly.
     """
-    n = order.numel()
-    chosen = torch.zeros(n, dtype=torch.bool, device=order.device).index_fill_(0, order[:k], True)
-    rank = torch.where(chosen, torch.cumsum(chosen, 0) - 1, k)
-    out = torch.empty(k + 1, dtype=torch.int64, device=order.device)
-    return out.scatter_(0, rank, torch.arange(n, device=order.device))[:k]
+    chosen = torch.zeros(order.numel(), dtype=torch.bool, device=order.device).index_fill_(0, order[:k], True)
+    return torch.nonzero_static(chosen, size=k).squeeze(1)
 
 
 def select_kept(piece: TokenKeepPiece, entropy: torch.Tensor, phi_r: torch.Tensor, k: int) -> torch.Tensor:

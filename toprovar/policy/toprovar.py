@@ -87,7 +87,8 @@ class ToProVARPolicy(Policy):
         self.S, self.depth, self.schedule = S, info.depth, [tuple(s) for s in info.schedule]
         self.rep = c.rep_index(S)
         self.piece = self.piece.to(info.device)
-        self._select = _compiled_select() if info.compile else select_kept
+        self._select = _compiled("select_kept") if info.compile else select_kept
+        self._merge = _compiled("merge_kept_entropy") if info.compile else merge_kept_entropy
         self.full = frozenset(c.full_layers)
         self.rho_set, self.last_rho = frozenset(c.rho_layers), max(c.rho_layers)
         self.needs_R = c.stage in ("scale-layer", "full")
@@ -170,13 +171,12 @@ class ToProVARPolicy(Policy):
 
     def observe(self, si: int, layer: int, entropy: torch.Tensor, kept: torch.Tensor | None) -> None:
         self._scale(si)
-        e = entropy.float().mean(dim=0)  # conditional rows, averaged over prompts
-        if kept is None:
-            self.ent = e
-        elif self.ent is not None:
-            self.ent = self.ent.index_copy(0, kept.to(self.ent.device), e)
         if kept is not None:
+            if self.ent is not None:
+                self.ent = self._merge(self.ent, kept.to(self.ent.device), entropy)
             return
+        e = entropy.float().mean(dim=0)  # conditional rows, averaged over prompts
+        self.ent = e
         if self.D is None and layer in self.rho_set:
             self._rho_buf.append(e)
             if layer == self.last_rho:
@@ -197,16 +197,23 @@ class ToProVARPolicy(Policy):
                 "layer_scores": list(self.R), "layer_ratio": list(self.ratio)}
 
 
-_COMPILED_SELECT = None
+def merge_kept_entropy(ent: torch.Tensor, kept: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """ent (n,) float32 per-token entropy, kept (k,) int64, entropy (B, k) of the kept tokens -> ent with the
+    kept tokens' entries replaced by their entropy averaged over prompts (a new tensor)."""
+    return ent.index_copy(0, kept, entropy.float().mean(dim=0))
 
 
-def _compiled_select():
-    """``select_kept`` through torch.compile (one compilation, dynamic token counts): the keep rule's ~25
-    elementwise and reduction kernels fuse into a few; the sort stays a library call."""
-    global _COMPILED_SELECT
-    if _COMPILED_SELECT is None:
-        _COMPILED_SELECT = torch.compile(select_kept, dynamic=True, fullgraph=True)
-    return _COMPILED_SELECT
+_COMPILED: dict = {}
+
+
+def _compiled(name: str):
+    """A per-layer policy function through torch.compile (one compilation each, dynamic token counts):
+    ``select_kept`` (the keep rule's ~25 elementwise and reduction kernels fuse into a few; the sort stays
+    a library call) or ``merge_kept_entropy`` (mean, copy and index_copy in one kernel)."""
+    if name not in _COMPILED:
+        fn = {"select_kept": select_kept, "merge_kept_entropy": merge_kept_entropy}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
 
 
 class ToProVARScale(ToProVARPolicy):

@@ -34,7 +34,9 @@ class Backend(Protocol):
     def decode(self, summed: torch.Tensor) -> torch.Tensor: ...
     def synchronize(self) -> None: ...
     # Optional: ``owns_outputs`` (bool: outputs live in the backend's buffers until its next call; the
-    # orchestrator copies them out), ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per
+    # orchestrator copies them out), ``block_in_cache(layer, x, ada, ca_kv, ca_lengths, rope, cache_k,
+    # cache_v, past, entropy) -> (x, entropy | None)`` (the block with its new keys/values written into the
+    # layer's cache, a (B', H, total, hd) view, at [past, past + n) in place; used instead of ``block``), ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per
     # generation), ``begin_scale(si)`` (e.g. select the TensorRT optimization profile of the scale),
     # ``head_logits(si, x, cond)`` + ``head_sample(si, logits, uniform, cfg, tau, top_p)`` (the head piece
     # in two calls, the same ops: used by profiled runs to time the head and the sampling apart).
@@ -128,6 +130,13 @@ def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits:
     flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts])
     flat = flat.to(device) if out is None else out.copy_(flat)
     return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
+
+
+def heads_view(cache_k: list, cache_v: list, layer: int, Bp: int, P: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's caches (B', total, H, hd) token-major, as (B', H, P, hd) views of their first P tokens
+    (all of them when P is None): the blocks' (B, H, N, hd) convention, no copy."""
+    return tuple(c[layer][:Bp, :P].transpose(1, 2) for c in (cache_k, cache_v))
 
 
 def resized_update(update: tuple[torch.Tensor, tuple[int, int]], hw: tuple[int, int], batch: int) -> torch.Tensor:
@@ -267,7 +276,7 @@ class Orchestrator:
         Bp = x0.shape[0]
         total = sum(h * w for h, w in self.schedule)
         n_max = max(h * w for h, w in self.schedule)
-        shape = (Bp, sp.num_heads, total, sp.head_dim)
+        shape = (Bp, total, sp.num_heads, sp.head_dim)  # token-major: the layout of a block's new k/v
         fh, fw = self.schedule[-1]
         f = 2 if sp.spatial_patchify else 1
         need = 2 * sp.depth * tensor_bytes(shape, dt)
@@ -297,6 +306,7 @@ class Orchestrator:
         dev = be.device
         owns = getattr(be, "owns_outputs", False)
         split_head = lap is not _no_lap and hasattr(be, "head_logits") and hasattr(be, "head_sample")
+        in_cache = hasattr(be, "block_in_cache")
         restore = policy.restore_pruned
         B, cache_k, cache_v, cache_len, updates = st.B, st.cache_k, st.cache_v, st.cache_len, st.updates
         h, w = self.schedule[si]
@@ -315,11 +325,10 @@ class Orchestrator:
             if runner is not None:  # the policy runs this layer itself (FastVAR's sub-layer pruning)
                 lap(si, "policy")
                 P = cache_len[layer]
-                xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope,
-                                  cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P])
+                xo, k, v = runner(be, layer, x, ada, ca_kv, ca_len, rope, *heads_view(cache_k, cache_v, layer, Bp, P))
                 m = k.shape[2]
-                cache_k[layer][:Bp, :, P:P + m] = k
-                cache_v[layer][:Bp, :, P:P + m] = v
+                cache_k[layer][:Bp, P:P + m] = k.transpose(1, 2)
+                cache_v[layer][:Bp, P:P + m] = v.transpose(1, 2)
                 cache_len[layer] = P + m
                 if owns:
                     x.copy_(xo)
@@ -347,12 +356,15 @@ class Orchestrator:
                 rin = torch.index_select(rope, 1, idx,
                                          out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
                 lap(si, "gather_scatter")
-            P = cache_len[layer]
-            xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
-                                     cache_k[layer][:Bp, :, :P], cache_v[layer][:Bp, :, :P], want)
-            m = k.shape[2]
-            cache_k[layer][:Bp, :, P:P + m] = k
-            cache_v[layer][:Bp, :, P:P + m] = v
+            P, m = cache_len[layer], xin.shape[1]
+            if in_cache:
+                xo, ent = be.block_in_cache(layer, xin, ada, ca_kv, ca_len, rin,
+                                            *heads_view(cache_k, cache_v, layer, Bp, None), P, want)
+            else:
+                xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
+                                         *heads_view(cache_k, cache_v, layer, Bp, P), want)
+                cache_k[layer][:Bp, P:P + m] = k.transpose(1, 2)
+                cache_v[layer][:Bp, P:P + m] = v.transpose(1, 2)
             cache_len[layer] = P + m
             trace.kept[si].append(m)
             if idx is not None:

@@ -7,18 +7,23 @@ afterwards. The orchestrator's workspace keeps the KV caches, the residual strea
 tokens at stable addresses, and this backend copies the per-prompt conditioning into its own stable
 buffers, so block calls replay with no input copies.
 
-``compile=True`` runs the block pieces and the VAE decoder through ``torch.compile`` (Inductor): the
-per-block float32 elementwise work (LayerNorm/AdaLN modulation, q/k normalisation, RoPE, residual
-updates) fuses into a few kernels around the matrix products and attention. The compiled callables wrap
-the same modules (the exported pieces); token counts are dynamic (``dynamic=True``), so one compilation
-serves every scale and kept-token count (plus Inductor's size-0/1 specialisations at the first scales).
+Blocks run as ``CachedBlockPiece``: the new keys/values are written into the orchestrator's KV cache in
+place and attention reads the cache prefix, instead of the exported piece's concatenation (a copy of the
+whole prefix per layer).
+
+``compile=True`` runs the two halves of each block around its self-attention (``attention_inputs``,
+``attention_outputs``) and the VAE decoder through ``torch.compile`` (Inductor): the per-block float32
+elementwise work (LayerNorm/AdaLN modulation, q/k normalisation, RoPE, residual updates) fuses into a
+few kernels around the matrix products and attention. The compiled callables are methods of the same
+modules (the exported pieces); token counts are dynamic (``dynamic=True``), so one compilation serves
+every scale and kept-token count (plus Inductor's size-0/1 specialisations at the first scales).
 """
 from __future__ import annotations
 
 import torch
 
 from ..model.infinity import Infinity
-from ..model.pieces import BlockPiece, ConditionPiece, HeadPiece, NextInputPiece
+from ..model.pieces import CachedBlockPiece, ConditionPiece, HeadPiece, NextInputPiece
 from ..sampling import sample_bits
 from .buffers import Workspace
 
@@ -34,12 +39,14 @@ class TorchBackend:
         self.device = model.word_embed.weight.device
         self.dtype = model.compute_dtype
         self.cond_pieces = {c: ConditionPiece(model, c) for c in (False, True)}
-        self.blocks = [(BlockPiece(b, False), BlockPiece(b, True)) for b in model.blocks]
         self._decode = decoder
         self.compiled = compile
         if compile:
-            self.blocks = [tuple(_compiled(p, dynamic=True) for p in pair) for pair in self.blocks]
+            self.blocks = [CachedBlockPiece(b, _compiled(b.attention_inputs, dynamic=True),
+                                            _compiled(b.attention_outputs, dynamic=True)) for b in model.blocks]
             self._decode = _compiled(decoder, dynamic=False)
+        else:
+            self.blocks = [CachedBlockPiece(b) for b in model.blocks]
         self.head_piece = HeadPiece(model)
         self.next_pieces = [NextInputPiece(model, schedule, si) for si in range(len(schedule))]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -60,20 +67,29 @@ class TorchBackend:
         return tuple(self._ws.view(n, t.shape, t.dtype).copy_(t) for n, t in zip(names, out))
 
     def block(self, layer, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, entropy):
-        args = (x, ada, ca_kv, ca_lengths, rope, past_k, past_v)
-        piece = self.blocks[layer][int(entropy)]
-        out = None
+        """The Backend protocol's block (cache prefix in, new keys/values out): ``block_in_cache`` on a
+        copy of the prefix with room for the new ones."""
+        P, n = past_k.shape[2], x.shape[1]
+        room = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], n, t.shape[3])], dim=2)  # noqa: E731
+        cache_k, cache_v = room(past_k), room(past_v)
+        xo, ent = self.block_in_cache(layer, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, P, entropy)
+        return xo, cache_k[:, :, P:], cache_v[:, :, P:], ent
+
+    def block_in_cache(self, layer, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past, entropy):
+        """Block ``layer`` writing its new keys/values into cache_k/cache_v (B', H, >= past+n, hd) at
+        [past, past+n) -> x (B', n, C) float32, entropy (B', n) float32 | None (``CachedBlockPiece``)."""
+        args = (x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past, entropy)
+        piece = self.blocks[layer]
         if self.cuda_graphs and not torch.cuda.is_current_stream_capturing():  # inside a scale graph: plain call
             try:
-                out = self._graphed(layer, entropy, piece, args)
+                return self._graphed(layer, piece, args)
             except torch.OutOfMemoryError:  # graph memory is a cache: drop it and run this call eagerly
                 self.drop_graphs()
-        if out is None:
-            out = piece(*args)
-        return out if entropy else (*out, None)
+        return piece(*args)
 
-    def _graphed(self, layer: int, entropy: bool, piece: BlockPiece, args: tuple) -> tuple:
-        key = (layer, entropy) + tuple((tuple(a.shape), a.stride(), a.data_ptr()) for a in args)
+    def _graphed(self, layer: int, piece: CachedBlockPiece, args: tuple) -> tuple:
+        key = (layer,) + tuple((tuple(a.shape), a.stride(), a.data_ptr()) if torch.is_tensor(a) else a
+                               for a in args)
         hit = self._graphs.get(key)
         if hit is None:
             if len(self._graphs) >= self._max_graphs:
@@ -87,9 +103,9 @@ class TorchBackend:
             with torch.cuda.graph(graph, pool=self._pool):
                 outs = piece(*args)
             hit = self._graphs[key] = (graph, outs)
-        graph, outs = hit
+        graph, (xo, ent) = hit
         graph.replay()
-        return outs[:3] + tuple(o.clone() for o in outs[3:])  # entropy: the policy may keep it
+        return xo, (None if ent is None else ent.clone())  # entropy: the policy may keep it
 
     def drop_graphs(self) -> bool:
         """Free every captured block graph with its static outputs and start a fresh memory pool; returns
@@ -125,12 +141,14 @@ class TorchBackend:
             torch.cuda.synchronize(self.device)
 
 
-def _compiled(module: torch.nn.Module, dynamic: bool):
-    """``torch.compile`` of a module (whole graph, no CUDA graphs of its own: this backend captures them).
+def _compiled(fn, dynamic: bool):
+    """``torch.compile`` of a module or method (whole graph, no CUDA graphs of its own: this backend
+    captures them).
 
-    Every block shares one code object (``BlockPiece.forward``): its variants (with/without entropy, the
+    Every block shares the code objects of its two halves: their variants (the 32-60 block instances, the
     size-0/1 specialisations of the first scales) need more than dynamo's default 8 recompilations.
     """
     import torch._dynamo.config as dynamo_config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(module, dynamic=dynamic, fullgraph=True)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True)

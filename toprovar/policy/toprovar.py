@@ -87,8 +87,8 @@ class ToProVARPolicy(Policy):
         self.S, self.depth, self.schedule = S, info.depth, [tuple(s) for s in info.schedule]
         self.rep = c.rep_index(S)
         self.piece = self.piece.to(info.device)
-        self._select = _compiled("select_kept") if info.compile else select_kept
-        self._merge = _compiled("merge_kept_entropy") if info.compile else merge_kept_entropy
+        self._select = _compiled(select_kept) if info.compile else select_kept
+        self._merge = _compiled(merge_kept_entropy) if info.compile else merge_kept_entropy
         self.full = frozenset(c.full_layers)
         self.rho_set, self.last_rho = frozenset(c.rho_layers), max(c.rho_layers)
         self.needs_R = c.stage in ("scale-layer", "full")
@@ -206,14 +206,13 @@ def merge_kept_entropy(ent: torch.Tensor, kept: torch.Tensor, entropy: torch.Ten
 _COMPILED: dict = {}
 
 
-def _compiled(name: str):
+def _compiled(fn):
     """A per-layer policy function through torch.compile (one compilation each, dynamic token counts):
-    ``select_kept`` (the keep rule's ~25 elementwise and reduction kernels fuse into a few; the sort stays
-    a library call) or ``merge_kept_entropy`` (mean, copy and index_copy in one kernel)."""
-    if name not in _COMPILED:
-        fn = {"select_kept": select_kept, "merge_kept_entropy": merge_kept_entropy}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[name]
+    ``select_kept`` (the keep rule's ~25 elementwise and reduction kernels fuse into a few) or
+    ``merge_kept_entropy`` (mean, copy and index_copy in one kernel)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
 
 
 class ToProVARScale(ToProVARPolicy):

@@ -36,8 +36,9 @@ class Backend(Protocol):
     # Optional: ``owns_outputs`` (bool: outputs live in the backend's buffers until its next call; the
     # orchestrator copies them out), ``block_in_cache(layer, x, ada, ca_kv, ca_lengths, rope, cache_k,
     # cache_v, past, entropy) -> (x, entropy | None)`` (the block with its new keys/values written into the
-    # layer's cache, a (B', H, total, hd) view, at [past, past + n) in place; used instead of ``block``), ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per
-    # generation), ``begin_scale(si)`` (e.g. select the TensorRT optimization profile of the scale),
+    # layer's cache, a (B', H, total, hd) view, at [past, past + n) in place; used instead of ``block``),
+    # ``prepare(schedule, batch, cfg, text_len)`` (size buffers once per generation), ``begin_scale(si)``
+    # (e.g. select the TensorRT optimization profile of the scale),
     # ``head_logits(si, x, cond)`` + ``head_sample(si, logits, uniform, cfg, tau, top_p)`` (the head piece
     # in two calls, the same ops: used by profiled runs to time the head and the sampling apart).
 

@@ -203,7 +203,8 @@ def _cudnn_attention_lse(q, k, v, scale):
 def augmented_v_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         key_lengths: torch.Tensor | None = None, head_mean: bool = False,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """O and H from one cuDNN SDPA call with V' = [V | K] and its logsumexp (no additive bias).
+    """O (in q's layout, ``like_q``) and H from one cuDNN SDPA call with V' = [V | K] and its logsumexp
+    (no additive bias).
 
     Key-length masks slice the keys per batch item (a prefix is valid), so no mask reaches cuDNN.
     """
@@ -229,7 +230,7 @@ def augmented_v_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     ak = out[..., dv:].float()
     h = lse - scale * (q.float() * ak).sum(-1)
     h = h.clamp(min=0.0, max=math.log(max(1, Nk)))
-    return o.contiguous(), (h.mean(dim=1) if head_mean else h)
+    return like_q(o, q), (h.mean(dim=1) if head_mean else h)
 
 
 def hopper_kernel_available(q: torch.Tensor) -> bool:
@@ -262,8 +263,7 @@ def cuda_attention_with_entropy(q, k, v, scale, key_lengths, head_mean):
         return fae_kernel(q, k, v, scale, key_lengths, head_mean)
     if _backend == "auto" and same_d and hopper_kernel_available(q):
         return fae_kernel(q, k, v, scale, key_lengths, head_mean)
-    o, h = augmented_v_entropy(q, k, v, scale, key_lengths, head_mean)
-    return like_q(o, q), h
+    return augmented_v_entropy(q, k, v, scale, key_lengths, head_mean)
 
 
 def register(op) -> None:

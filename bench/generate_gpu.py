@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, time_cuda, write_results  # noqa: E402
 
-from toprovar.pipeline import Pipeline, save_png, to_uint8  # noqa: E402
+from toprovar.images import save_png, to_uint8  # noqa: E402
+from toprovar.pipeline import Pipeline  # noqa: E402
 from toprovar.policy import make_policy  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

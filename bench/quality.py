@@ -30,7 +30,8 @@ from toprovar.eval.checker import chance_accuracy, evaluate
 from toprovar.eval.metrics import psnr, ssim
 from toprovar.eval.shapes import CATEGORIES, make_dataset
 from toprovar.model.checkpoint import atomic_write
-from toprovar.pipeline import Pipeline, to_uint8
+from toprovar.images import to_uint8
+from toprovar.pipeline import Pipeline
 from toprovar.policy import (FastVARConfig, FastVARPolicy, ScaleExitConfig, ScaleExitPolicy, SkipVARConfig,
                              SkipVARStylePolicy, ToProVARConfig, ToProVARPolicy, policy_report, read_calibration)
 from toprovar.policy.base import Policy

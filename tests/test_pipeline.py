@@ -8,7 +8,8 @@ from PIL import Image
 
 from toprovar.cli import main
 from toprovar.model.text import PromptTooLongError
-from toprovar.pipeline import Pipeline, to_uint8
+from toprovar.images import to_uint8
+from toprovar.pipeline import Pipeline
 from toprovar.schedule import ScheduleError, get_schedule
 
 

@@ -145,7 +145,7 @@ def test_packaged_shapes_model_follows_prompts():
     """The committed model draws what single-object prompts ask for (held-out: 0.96; chance 0.006)."""
     from toprovar.eval.checker import evaluate
     from toprovar.eval.shapes import Group, Spec, prompt_of
-    from toprovar.pipeline import to_uint8
+    from toprovar.images import to_uint8
     rng = np.random.default_rng(fresh_seed())
     colors, kinds = ("red", "green", "blue", "yellow", "purple"), ("circle", "square", "triangle")
     specs = [Spec("single", (Group(1, str(rng.choice(colors)), str(rng.choice(kinds))),)) for _ in range(8)]

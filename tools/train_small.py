@@ -35,7 +35,8 @@ from toprovar.model.infinity import build_model
 from toprovar.model.rope import rope_tables
 from toprovar.model.text import ByteTokenizer, tiny_text_encoder, tokenize_batch
 from toprovar.model.vae import BSQAutoencoder
-from toprovar.pipeline import Pipeline, resolve_schedule, to_uint8
+from toprovar.images import to_uint8
+from toprovar.pipeline import Pipeline, resolve_schedule
 from toprovar.schedule import rope_grid_side, token_counts
 from toprovar.train.teacher import bit_labels, bitwise_loss, init_for_training, teacher_inputs
 

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .config import ModelConfig, get_config
+from .config import ModelConfig
+from .images import to_uint8
 from .model import vae as vae_mod
-from .model.infinity import Infinity, build_model
+from .model.infinity import Infinity
+from .model.loading import load_parts
 from .model.rope import rope_tables
-from .model.text import TextEncoder, t5_text_encoder, tiny_text_encoder
+from .model.text import TextEncoder
 from .policy.base import Policy
 from .runtime.orchestrator import GenerationResult, ModelSpec, Orchestrator
 from .runtime.torch_backend import TorchBackend
@@ -36,31 +37,6 @@ def vae_stride(cfg: ModelConfig) -> int:
     return vae_mod.VAE_CONFIGS[cfg.vae].token_stride
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 RGB."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write one (H, W, 3) uint8 image as PNG (atomically)."""
-    from PIL import Image
-    from .model.checkpoint import atomic_write
-    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
-def save_images(images: torch.Tensor, output: str | Path) -> list[Path]:
-    """Save (B, 3, H, W) images in [-1, 1] as PNG at ``output`` (``_i`` appended when B > 1); prints paths."""
-    paths = []
-    for i, img in enumerate(to_uint8(images)):
-        out = Path(output)
-        if images.shape[0] > 1:
-            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        paths.append(save_png(img, out))
-        print(paths[-1])
-    return paths
-
-
 @dataclass
 class Pipeline:
     """Everything generation needs, in PyTorch."""
@@ -74,39 +50,11 @@ class Pipeline:
     _orchestrators: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
-             t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> "Pipeline":
-        """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
-
-        A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
-        names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
-        tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
-        """
-        cfg = get_config(model)
-        files = cfg.weight_files(weights, checkpoint)
-        text_weights = files["text_encoder"] if files else None
-        if files:
-            checkpoint, vae = files["model"], vae or files["vae"]
-        # random weights are drawn on the CPU so a seed gives the same model on every device
-        net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
-        if checkpoint:
-            net = net.to_empty(device="cpu")
-            net.load_checkpoint(checkpoint)
-        if dtype != torch.float32:
-            net.to_inference_dtype(dtype)
-        net = net.to(device)
-        dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
-        dec = dec.to(device).eval().requires_grad_(False)
-        if not text_encoder:
-            te = None
-        elif t5:
-            te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
-        elif cfg.text_encoder == "tiny":
-            te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
-        else:
-            raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
-        return cls(cfg, net, dec, te, random_weights=not checkpoint)
+    def load(cls, model: str = "tiny", **kw) -> "Pipeline":
+        """A pipeline over ``load_parts(model, **kw)`` (checkpoint, vae, t5, device, dtype, seed, text_encoder,
+        weights; random seeded weights where none are given)."""
+        p = load_parts(model, **kw)
+        return cls(p.cfg, p.model, p.decoder, p.text_encoder, p.random_weights)
 
     def orchestrator(self, schedule: list[tuple[int, int]]) -> Orchestrator:
         """The orchestrator of a schedule, kept so its buffers (and CUDA graphs) serve later calls."""

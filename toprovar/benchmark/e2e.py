@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import DTYPES
+from ..cli_args import DTYPES
 from ..pipeline import Pipeline, resolve_schedule, vae_stride
 from ..policy import POLICIES, Policy, ToProVARConfig, make_policy, policy_report
 from ..policy.toprovar import ToProVARPolicy

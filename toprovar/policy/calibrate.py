@@ -218,7 +218,7 @@ def _beta(text: str) -> float | str:
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     """The ``toprovar calibrate`` options (the model options mirror ``toprovar generate``)."""
-    from ..cli import _floats, add_model_args
+    from ..cli_args import add_model_args, parse_floats
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
@@ -226,8 +226,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    "DIR when given, else calibration/<model>.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="prompts per generation")
-    p.add_argument("--cfg", type=_floats, default=None)
-    p.add_argument("--tau", type=_floats, default=None, help="SAMPLING temperature (not the threshold)")
+    p.add_argument("--cfg", type=parse_floats, default=None)
+    p.add_argument("--tau", type=parse_floats, default=None, help="SAMPLING temperature (not the threshold)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--h-div-w", type=float, default=1.0)
@@ -254,7 +254,7 @@ def config_from_sets(sets: Sequence[str]) -> ToProVARConfig:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..cli import DTYPES
+    from ..cli_args import DTYPES
     from ..pipeline import Pipeline
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..policy.base import GenerationInfo, Policy, PolicyTrace
+from toprovar.policy.base import GenerationInfo, Policy, PolicyTrace
 from .buffers import OutOfMemoryAtScale, Workspace, is_oom, oom_error, tensor_bytes
 from .scale_graphs import ScaleGraphs
 

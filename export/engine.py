@@ -213,7 +213,7 @@ def _profiles(trt, builder, config, entry: dict) -> int:
 def build_engine(trt, onnx_path: Path, entry: dict, engine_path: Path, timing_cache: Path | None,
                  workspace: int = DEFAULT_WORKSPACE, opt_level: int | None = None, verbose: bool = False) -> dict:
     """Build one serialized engine (written atomically); returns {profiles, plugin_layers, build_s}."""
-    from ..model.checkpoint import atomic_write
+    from toprovar.model.checkpoint import atomic_write
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

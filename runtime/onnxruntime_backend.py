@@ -74,7 +74,7 @@ class OnnxRuntimeBackend(PieceBackend):
         if sess is None:
             self.require(name)
             if self.verify:
-                from ..export.manifest import verify
+                from toprovar.export.manifest import verify
                 verify(self.manifest, [name])
             path = self.manifest.piece_path(name)
             try:

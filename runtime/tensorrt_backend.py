@@ -78,7 +78,7 @@ def check_engines(manifest, tensorrt_version: str, gpu: str, verify: bool = True
     TensorRT version, for this GPU, from the current ONNX bytes; file sha256 when ``verify``).
 
     ManifestError (one line) for the first stale engine, or when the export has no engines."""
-    from ..export.manifest import ManifestError, check_engine
+    from toprovar.export.manifest import ManifestError, check_engine
     if not manifest.get("engines"):
         raise ManifestError(f"{manifest.path}: no TensorRT engines in this export; build them with "
                             f"toprovar-export --engines")
@@ -138,7 +138,7 @@ def load_plugin_library(trt, path: Path) -> None:
     """Load the library into TensorRT's plugin registry and check its creator: the export package's
     ``load_plugins`` (``IPluginRegistry.load_library``, once per process, shared with the engine builder
     so one library is never loaded twice or both ways)."""
-    from ..export.engine import PluginError as ExportPluginError, load_plugins
+    from toprovar.export.engine import PluginError as ExportPluginError, load_plugins
     try:
         load_plugins(trt, [Path(path).resolve()])
     except ExportPluginError as exc:

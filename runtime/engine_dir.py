@@ -24,11 +24,11 @@ from typing import Sequence
 
 import torch
 
-from ..config import ModelConfig, get_config
-from ..model.rope import rope_tables
-from ..model.text import ByteTokenizer, tokenize_batch
-from ..policy.base import Policy
-from ..schedule import ScheduleError, nearest_ratio
+from toprovar.config import ModelConfig, get_config
+from toprovar.model.rope import rope_tables
+from toprovar.model.text import ByteTokenizer, tokenize_batch
+from toprovar.policy.base import Policy
+from toprovar.schedule import ScheduleError, nearest_ratio
 from .orchestrator import GenerationResult, ModelSpec, Orchestrator
 
 BACKENDS = ("trt", "onnxruntime", "torch")
@@ -96,7 +96,7 @@ class EngineRuntime:
         self.schedule = [tuple(s) for s in manifest["schedule"]]
         grid = tuple(manifest.get("rope_grid") or ())
         if len(grid) != 2:
-            from ..schedule import rope_grid_side
+            from toprovar.schedule import rope_grid_side
             grid = rope_grid_side(self.schedule[-1][0] / self.schedule[-1][1])
         ropes = rope_tables(cfg.head_dim, self.schedule, grid)
         spec = ModelSpec(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, cfg.token_bits, cfg.codebook_dim,
@@ -110,7 +110,7 @@ class EngineRuntime:
              checkpoint: str | None = None, vae: str | None = None, t5: str | None = None,
              ort_optimization: str = "all") -> "EngineRuntime":
         """Load the manifest of ``engine_dir`` and build ``backend`` on ``device`` (default: cuda if any)."""
-        from ..export.manifest import load_manifest
+        from toprovar.export.manifest import load_manifest
         check_backend(backend)
         manifest = load_manifest(engine_dir)
         cfg = model_config(manifest)
@@ -135,7 +135,7 @@ class EngineRuntime:
         max_length = int(info.get("max_length", cfg.text_maxlen))
         if "text_encoder" not in manifest["pieces"]:
             if t5:
-                from ..model.text import t5_text_encoder
+                from toprovar.model.text import t5_text_encoder
                 return t5_text_encoder(t5, max_length, device=device)
             return None  # generate_from_features only; generate() says what to pass
         kind = info.get("kind", cfg.text_encoder)
@@ -151,7 +151,8 @@ class EngineRuntime:
 
     @classmethod
     def _open_torch(cls, manifest, cfg: ModelConfig, device: str, checkpoint, vae, t5) -> "EngineRuntime":
-        from ..pipeline import Pipeline
+        from toprovar.model.loading import load_parts
+        from .torch_backend import TorchBackend
         ck = manifest.get("checkpoint")
         if ck and not checkpoint:
             raise EngineDirError(f"--backend torch: this export was made from checkpoint {ck.get('file')!r}; "
@@ -166,21 +167,16 @@ class EngineRuntime:
         te_info = manifest.get("text_encoder") or {}
         # built on the CPU as toprovar-export builds it (random weights drawn on a CUDA device differ from
         # the CPU draw of the same seed), then moved
-        pipe = Pipeline.load(cfg.name, checkpoint=checkpoint, vae=vae, t5=t5 or None, device="cpu",
-                             dtype={"float32": torch.float32, "float16": torch.float16,
-                                    "bfloat16": torch.bfloat16}[manifest["dtype"]],
-                             seed=weights_seed(manifest) or 0,
-                             text_encoder=bool(t5) or cfg.text_encoder == "tiny" or bool(te_info.get("kind") == "tiny"))
-        if torch.device(device).type != "cpu":
-            pipe.model.to(device)
-            pipe.decoder.to(device)
-            if pipe.text_encoder is not None:
-                pipe.text_encoder.to(device)
-        rt = cls.__new__(cls)
-        EngineRuntime.__init__(rt, manifest, "torch", pipe.orchestrator([tuple(s) for s in manifest["schedule"]]).backend,
-                               cfg, pipe.text_encoder)
-        rt.pipeline = pipe
-        return rt
+        parts = load_parts(cfg.name, checkpoint=checkpoint, vae=vae, t5=t5 or None, device="cpu",
+                           dtype={"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16}[manifest["dtype"]],
+                           seed=weights_seed(manifest) or 0,
+                           text_encoder=bool(t5) or cfg.text_encoder == "tiny" or bool(te_info.get("kind") == "tiny"))
+        for module in (parts.model, parts.decoder, parts.text_encoder):
+            if module is not None and torch.device(device).type != "cpu":
+                module.to(device)
+        schedule = [tuple(s) for s in manifest["schedule"]]
+        return cls(manifest, "torch", TorchBackend(parts.model, parts.decoder, schedule, cuda_graphs=True), cfg, parts.text_encoder)
 
     # ------------------------------------------------------------------ checks
     def check_request(self, resolution: int | None, h_div_w: float | None) -> None:

@@ -225,7 +225,7 @@ def dumps(data: dict) -> str:
 
 def write_manifest(data: dict, out_dir: str | os.PathLike) -> Path:
     """Validate and write ``out_dir/manifest.json`` atomically (temp name, then rename)."""
-    from ..model.checkpoint import atomic_write
+    from toprovar.model.checkpoint import atomic_write
     out = Path(out_dir) / MANIFEST_NAME
     validate(data, str(out))
     text = dumps(data)

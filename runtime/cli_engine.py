@@ -30,8 +30,8 @@ def wants_engine_dir(args: argparse.Namespace) -> bool:
 
 def cmd_generate_engine(args: argparse.Namespace) -> int:
     """Generate with ``EngineRuntime``; same outputs and report as the PyTorch pipeline path."""
-    from ..pipeline import save_images
-    from ..policy import make_policy
+    from toprovar.images import save_images
+    from toprovar.policy import make_policy
     from .engine_dir import EngineRuntime
     backend = check_backend(args.backend)
     if not args.engine_dir:
@@ -47,7 +47,7 @@ def cmd_generate_engine(args: argparse.Namespace) -> int:
     res = rt.generate(args.prompt, seed=args.seed, resolution=args.resolution,
                       h_div_w=args.h_div_w if args.h_div_w != 1.0 else None, cfg=args.cfg, tau=args.tau,
                       top_p=args.top_p, policy=policy, profile=args.profile)
-    from ..cli import print_report
+    from toprovar.cli_args import print_report
     print_report(res, args.profile)
     if args.profile:
         total = sum(res.scale_ms) + sum(res.stage_ms.values())
@@ -55,7 +55,7 @@ def cmd_generate_engine(args: argparse.Namespace) -> int:
         print(f"backend {rt.backend_name} on {rt.backend.device}: {stages}, total {total:.2f} ms "
               f"(load {load_s:.1f} s)", file=sys.stderr)
         try:
-            from ..policy.flops import format_report, policy_report
+            from toprovar.policy.flops import format_report, policy_report
             print(format_report(policy_report(res.trace, rt.cfg)), file=sys.stderr)
         except ImportError:
             pass

@@ -108,7 +108,7 @@ def _error(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..model.checkpoint import CheckpointError
+    from toprovar.model.checkpoint import CheckpointError
     from .engine import EngineError, TensorRTUnavailable, build_engines, find_plugins, import_tensorrt
     from .manifest import ManifestError, load_manifest, verify
     from .onnx_export import ExportError, ExportRequest, export_model

@@ -111,7 +111,7 @@ def piece_feeds(spec: PieceSpec, entry: dict, model_cfg: dict, schedule: list[tu
     H = model_cfg["num_heads"]
     hd = C // H
     if kind == "block":
-        from ..model.rope import rope_tables
+        from toprovar.model.rope import rope_tables
         ropes = rope_tables(hd, schedule, tuple(max(schedule[-1]) for _ in range(2)))
         for ci, (Bp, n, P, L) in enumerate(block_cases(schedule)):
             g = _g(100 + ci)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
-from ..model.infinity import Infinity
-from ..model.pieces import BlockPiece, ConditionPiece, HeadPiece, NextInputPiece
-from ..schedule import cumulative_tokens, token_counts
+from toprovar.config import ModelConfig
+from toprovar.model.infinity import Infinity
+from toprovar.model.pieces import BlockPiece, ConditionPiece, HeadPiece, NextInputPiece
+from toprovar.schedule import cumulative_tokens, token_counts
 
 TEXT_OPT_LEN = 128  # text length the dynamic pieces are tuned for (capped at the model's text_maxlen)
 

@@ -290,7 +290,7 @@ class ExportRequest:
 def vae_stride(cfg) -> int:
     """Pixels per transformer token side (VAE stride, x2 with spatial patchify)."""
     try:
-        from ..model import vae as vae_mod
+        from toprovar.model import vae as vae_mod
         stride = vae_mod.VAE_CONFIGS[cfg.vae].stride
     except (ImportError, AttributeError, KeyError):
         stride = {"infinity-2b": 16, "infinity-8b": 8}.get(cfg.vae, 16)
@@ -298,14 +298,14 @@ def vae_stride(cfg) -> int:
 
 
 def resolve_schedule(cfg, resolution: int | None, h_div_w: float) -> tuple[str, list[tuple[int, int]]]:
-    from ..schedule import get_schedule, preset_for_resolution
+    from toprovar.schedule import get_schedule, preset_for_resolution
     preset = cfg.default_preset if resolution is None else preset_for_resolution(resolution, vae_stride(cfg), h_div_w)
     return preset, get_schedule(preset, h_div_w)
 
 
 def load_model(req: ExportRequest, cfg):
     """The Infinity model exactly as ``Pipeline.load`` builds it (weights, inference dtype)."""
-    from ..model.infinity import build_model
+    from toprovar.model.infinity import build_model
     net = build_model(cfg, seed=req.weights_seed, device="meta" if req.checkpoint else "cpu")
     if req.checkpoint:
         net = net.to_empty(device="cpu")
@@ -317,7 +317,7 @@ def load_model(req: ExportRequest, cfg):
 
 def load_text_encoder(req: ExportRequest, cfg):
     """(encoder module, vocab size, info) or (None, 0, note) when a real model has no --t5 directory."""
-    from ..model.text import ByteTokenizer, t5_text_encoder, tiny_text_encoder
+    from toprovar.model.text import ByteTokenizer, t5_text_encoder, tiny_text_encoder
     if req.t5:
         dt = torch.float32 if req.dtype == "float32" else torch.bfloat16  # T5 overflows in float16
         te = t5_text_encoder(req.t5, cfg.text_maxlen, dtype=dt)
@@ -336,7 +336,7 @@ def load_text_encoder(req: ExportRequest, cfg):
 def load_vae_decoder(req: ExportRequest, cfg):
     """(decoder, info) or (None, None) when ``toprovar.model.vae`` is not available."""
     try:
-        from ..model import vae as vae_mod
+        from toprovar.model import vae as vae_mod
     except ImportError:
         return None, None
     if req.vae:
@@ -351,9 +351,9 @@ def load_policy(path: str | None, schedule: list[tuple[int, int]]):
     """The ToProVAR policy whose TokenKeepPiece is exported, its manifest entry and the per-scale minimum
     token counts of the block profiles (1 everywhere without a calibration: any policy may run)."""
     try:
-        from ..policy.config import ToProVARConfig
-        from ..policy.stats import min_kept
-        from ..policy.toprovar import ToProVARPolicy
+        from toprovar.policy.config import ToProVARConfig
+        from toprovar.policy.stats import min_kept
+        from toprovar.policy.toprovar import ToProVARPolicy
     except ImportError:
         if path:
             raise ExportError("--calibration: this build has no ToProVAR policy (toprovar.policy.toprovar)") from None
@@ -384,8 +384,8 @@ def _select(specs: list[PieceSpec], only: list[str] | None) -> list[PieceSpec]:
 
 def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
     """The manifest header (everything but pieces/engines) and the piece specs to export."""
-    from ..config import get_config
-    from ..schedule import rope_grid_side
+    from toprovar.config import get_config
+    from toprovar.schedule import rope_grid_side
     from . import pieces as P
     if req.dtype not in DTYPES:
         raise ExportError(f"--dtype: {req.dtype!r} is not one of {sorted(DTYPES)}")

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model.infinity import Infinity
-from ..model.pieces import CachedBlockPiece, ConditionPiece, HeadPiece, NextInputPiece
-from ..sampling import sample_bits
+from toprovar.model.infinity import Infinity
+from toprovar.model.pieces import CachedBlockPiece, ConditionPiece, HeadPiece, NextInputPiece
+from toprovar.sampling import sample_bits
 from .buffers import Workspace
 
 

@@ -1,0 +1,56 @@
+"""Building a model's PyTorch parts from a config name and weight files (random, seeded, when none)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig, get_config
+from . import vae as vae_mod
+from .infinity import Infinity, build_model
+from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
+
+
+@dataclass
+class ModelParts:
+    """The transformer, the VAE decoder and the text encoder (None: generate from features) of one model."""
+    cfg: ModelConfig
+    model: Infinity
+    decoder: torch.nn.Module
+    text_encoder: TextEncoder | None
+    random_weights: bool
+
+
+def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
+               t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> ModelParts:
+    """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
+
+    A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
+    names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
+    tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    """
+    cfg = get_config(model)
+    files = cfg.weight_files(weights, checkpoint)
+    text_weights = files["text_encoder"] if files else None
+    if files:
+        checkpoint, vae = files["model"], vae or files["vae"]
+    # random weights are drawn on the CPU so a seed gives the same model on every device
+    net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
+    if checkpoint:
+        net = net.to_empty(device="cpu")
+        net.load_checkpoint(checkpoint)
+    if dtype != torch.float32:
+        net.to_inference_dtype(dtype)
+    net = net.to(device)
+    dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
+    dec = dec.to(device).eval().requires_grad_(False)
+    if not text_encoder:
+        te = None
+    elif t5:
+        te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
+    elif cfg.text_encoder == "tiny":
+        te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
+    else:
+        raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
+    return ModelParts(cfg, net, dec, te, random_weights=not checkpoint)

@@ -19,12 +19,16 @@ constexpr char const* kNamespace = "toprovar";
 
 }  // namespace
 
-ILogger* gLogger = nullptr;
-
 namespace {
 
+// Set by setLoggerFinder when TensorRT loads the library. The logger is looked up at each message, from the
+// thread of the plugin method that logs (ILoggerFinder::findLogger: the logger of the builder, engine or context
+// that called it), never cached: a cached logger would be another builder's or one already freed.
+ILoggerFinder* gLoggerFinder = nullptr;
+
 void logError(char const* msg) noexcept {
-    if (gLogger != nullptr) gLogger->log(ILogger::Severity::kERROR, msg);
+    ILogger* const logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
+    if (logger != nullptr) logger->log(ILogger::Severity::kERROR, msg);
 }
 
 bool isAttnType(DataType t) { return t == DataType::kHALF || t == DataType::kBF16; }
@@ -62,6 +66,12 @@ char const* FaePlugin::getPluginNamespace() const noexcept { return kNamespace; 
 int32_t FaePlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                       int32_t nbInputs) const noexcept {
     if (nbOutputs != 2 || nbInputs < 3) return -1;
+    if (!isAttnType(inputTypes[0])) {
+        // TensorRT networks are strongly typed: a float32 export gives float32 q/k/v, which no kernel serves.
+        logError("FlashAttentionEntropy: q, k, v must be float16 or bfloat16 (export the pieces with --dtype "
+                 "bfloat16 or float16)");
+        return -1;
+    }
     outputTypes[0] = inputTypes[0];
     outputTypes[1] = DataType::kFLOAT;
     return 0;
@@ -221,7 +231,7 @@ IPluginV3* FaePluginCreator::createPlugin(char const* /*name*/, PluginFieldColle
 extern "C" {
 
 __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
-    toprovar::gLogger = finder != nullptr ? finder->findLogger() : nullptr;
+    toprovar::gLoggerFinder = finder;
 }
 
 __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {

@@ -13,8 +13,6 @@
 
 namespace toprovar {
 
-extern nvinfer1::ILogger* gLogger;
-
 class FaePlugin : public nvinfer1::IPluginV3,
                   public nvinfer1::IPluginV3OneCore,
                   public nvinfer1::IPluginV3OneBuild,

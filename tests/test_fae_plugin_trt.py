@@ -218,9 +218,9 @@ def test_rtx_parser_aborts_without_unversioned_library(plugin, rtx_env, one_node
         pytest.skip(f"{_rtx_lib_dir()} already holds libtensorrt_rtx.so (the parser finds it there)")
     job = one_node_model(tmp_path / "fae_abort.onnx", TensorProto.BFLOAT16, 64, False)
     (tmp_path / "jobs.json").write_text(json.dumps([job]))
-    env = {k: v for k, v in rtx_env.items() if k != "LD_LIBRARY_PATH"}
-    if "LD_LIBRARY_PATH" in os.environ:
-        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    env = dict(rtx_env)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+                                             if d and not (Path(d) / "libtensorrt_rtx.so").exists())
     r = subprocess.run([sys.executable, str(BUILD_SCRIPT), str(plugin), str(tmp_path / "jobs.json"),
                         str(tmp_path / "result.json")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == -6 and "terminate called" in r.stderr, (r.returncode, r.stderr[-2000:])

@@ -4,9 +4,13 @@
 
 #include "fae.h"
 
+#include <cxxabi.h>
+
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <exception>
+#include <typeinfo>
 
 using namespace nvinfer1;
 
@@ -21,14 +25,42 @@ constexpr char const* kNamespace = "toprovar";
 
 namespace {
 
+// True when the dynamic type of *obj is or derives from the class named `base` (mangled; RTTI names compare
+// across libraries). Reads only the object's RTTI, whose place (vtable[-1]) the Itanium C++ ABI fixes, so it is
+// safe on an object whose virtual functions are laid out differently from our headers' view of it.
+bool derivesFrom(std::type_info const& t, char const* base) noexcept {
+    char const* name = t.name();
+    if (std::strcmp(name + (name[0] == '*'), base + (base[0] == '*')) == 0) return true;
+    if (auto const* si = dynamic_cast<abi::__si_class_type_info const*>(&t)) return derivesFrom(*si->__base_type, base);
+    if (auto const* vmi = dynamic_cast<abi::__vmi_class_type_info const*>(&t)) {
+        for (unsigned i = 0; i < vmi->__base_count; ++i)
+            if (derivesFrom(*vmi->__base_info[i].__base_type, base)) return true;
+    }
+    return false;
+}
+
+template <typename T>
+bool sameInterface(T* obj) noexcept {
+    return obj != nullptr && derivesFrom(typeid(*obj), typeid(T).name());
+}
+
 // Set by setLoggerFinder when TensorRT loads the library. The logger is looked up at each message, from the
 // thread of the plugin method that logs (ILoggerFinder::findLogger: the logger of the builder, engine or context
 // that called it), never cached: a cached logger would be another builder's or one already freed.
+// ILogger and ILoggerFinder changed their virtual layout in TensorRT 11 (both became IVersionedInterface, in
+// namespace v_1_0; TensorRT-RTX 1.7 has the TensorRT 11 layout): a library built with other headers than its
+// host's must not call them, so each object's RTTI is checked first and the message goes to stderr otherwise.
 ILoggerFinder* gLoggerFinder = nullptr;
 
 void logError(char const* msg) noexcept {
-    ILogger* const logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
-    if (logger != nullptr) logger->log(ILogger::Severity::kERROR, msg);
+    if (sameInterface(gLoggerFinder)) {
+        ILogger* const logger = gLoggerFinder->findLogger();
+        if (sameInterface(logger)) {
+            logger->log(ILogger::Severity::kERROR, msg);
+            return;
+        }
+    }
+    std::fprintf(stderr, "[toprovar FAE plugin] %s\n", msg);
 }
 
 bool isAttnType(DataType t) { return t == DataType::kHALF || t == DataType::kBF16; }

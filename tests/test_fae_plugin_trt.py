@@ -6,7 +6,8 @@ SM89); nothing executes (no GPU; TensorRT-RTX does not run on compute 9.0 either
 
 - one-node models (bf16/fp16, head_mean 0/1, head dims 64/128, symbolic token counts) build with exactly one
   PLUGIN_V3 layer (creator FlashAttentionEntropy, namespace toprovar) and one engine ``custom_layer`` per profile;
-- a float32 node is refused with the plugin's one-line reason;
+- a float32 node is refused with the plugin's one-line reason (in the builder's log for a plugin built with
+  TensorRT 11 headers, on stderr for one built with 10.x headers: ILogger ABI, plugins/README.md);
 - every ``block_*_entropy`` piece of the tiny model, exported in bfloat16 and float16, builds with the manifest's
   per-scale profiles and holds one plugin layer per FAE node in the network and one custom layer per FAE node and
   profile in the engine's layer report (ProfilingVerbosity.DETAILED, IEngineInspector's ONELINE format: the
@@ -16,8 +17,8 @@ SM89); nothing executes (no GPU; TensorRT-RTX does not run on compute 9.0 either
   ``runtime_error`` escapes a noexcept frame and the process ends in ``std::terminate``. The builds here run with
   a folder holding that name first on ``LD_LIBRARY_PATH``.
 
-The plugin: ``$TOPROVAR_FAE_PLUGIN`` if set, else built with cmake/nvcc from the TensorRT headers at
-``$TENSORRT_ROOT`` (sm_80 only: nothing runs here). Skips with the reason when a part is missing.
+The plugin: ``$TOPROVAR_FAE_PLUGIN`` if set (``.ci/run`` builds it), else built with cmake/nvcc from the TensorRT
+headers at ``$TENSORRT_ROOT`` (sm_80 only: nothing runs here). Skips with the reason when a part is missing.
 """
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ ENTROPY_PIECES = "block_*_entropy"
 
 
 def _rtx_lib_dir() -> Path:
-    import tensorrt_rtx_libs  # the wheel's library folder (no import of the builder in this process)
-    return Path(tensorrt_rtx_libs.__file__).parent
+    """The folder of the wheel's libraries (found without importing it: its __init__ loads them)."""
+    return Path(importlib.util.find_spec("tensorrt_rtx_libs").submodule_search_locations[0])
 
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,24 @@ def test_polygraphy_inspects_the_onnx_pieces(tiny_float32):
     assert "FlashAttentionEntropy" in text and "past_k" in text and "entropy" in text
 
 
+def test_polygraphy_builds_a_piece_with_tensorrt_rtx(tiny_float32, tmp_path):
+    """polygraphy's own TensorRT loaders on TensorRT-RTX (POLYGRAPHY_USE_TENSORRT_RTX=1; needs the `tensorrt_rtx`
+    module name of the tensorrt-rtx meta package) convert an exported piece for sm89 on this CPU machine."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("polygraphy imports TensorRT-RTX as `tensorrt_rtx`: pip install tensorrt-rtx==1.7.1.116")
+    plan = tmp_path / "policy_s02.plan"
+    cmd = "import sys; from polygraphy.tools import main; sys.exit(main())"
+    res = subprocess.run([sys.executable, "-c", cmd, "convert", str(tiny_float32.piece_path("policy_s02")),
+                          "--convert-to", "trt", "-o", str(plan), "--compute-capabilities", "8.9",
+                          "--builder-optimization-level", "0"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "POLYGRAPHY_USE_TENSORRT_RTX": "1"})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
+    assert "Finished engine building" in res.stdout + res.stderr and plan.stat().st_size > 100_000
+
+
 def test_runtime_refuses_rtx_engines_by_compute_capability_before_import(tiny_float32, tmp_path):
     """The trt backend's first check (no TensorRT import, no deserialisation): an H200 (compute 9.0) is refused
     in one line naming the compute capability; an RTX 4090 (8.9) passes."""

@@ -13,6 +13,7 @@ Exit status: 0 done; 2 bad input (one error line); 3 TensorRT not importable (th
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-size", type=int, default=None, help="largest batch (prompts) the engines accept "
                                                                     "(default: max(4, --batch-size))")
     g.add_argument("--pieces", nargs="+", default=None, metavar="NAME",
-                   help="export only these pieces (names or patterns like 'block_*'); the manifest lists only them")
+                   help="export (and build engines of) only these pieces (names or patterns like 'block_*'); "
+                        "the manifest lists only them")
     g.add_argument("--jobs", type=int, default=1, help="export worker processes (each holds the model: for small "
                                                       "models or machines with memory to spare); also the "
                                                       "TensorRT-RTX engine build processes")
@@ -164,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             _error(f"{no_trt}; ONNX export is done, engines were not built")
             return EXIT_NO_TENSORRT
         try:
+            names = ([n for n in manifest["pieces"] if any(fnmatch.fnmatchcase(n, p) for p in args.pieces)]
+                     if args.pieces else None)
             manifest = build_engines(manifest, Path(args.engine_dir) if args.engine_dir else None, args.plugins,
-                                     args.timing_cache, workspace=int(args.workspace * (1 << 30)),
+                                     args.timing_cache, names=names, workspace=int(args.workspace * (1 << 30)),
                                      opt_level=args.optimization_level, verbose=args.verbose,
                                      progress=not args.no_progress, flavour=args.trt_flavor, targets=args.trt_target,
                                      jobs=args.jobs)

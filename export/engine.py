@@ -39,7 +39,7 @@ from .engine_check import (EngineCheckError, check_network_io, check_report, fae
                            network_fae_plugin_layers, report_from_engine)
 from .manifest import Manifest, ManifestError, file_entry, write_manifest
 from .trt_flavour import (LABELS, TargetError, TensorRTUnavailable, check_flavour, import_flavour, parse_targets,
-                          set_targets)
+                          rtx_parser_library, set_targets)
 
 PLUGIN_ENV = "TOPROVAR_FAE_PLUGIN"
 PLUGIN_LIBRARY = "libtoprovar_fae_trt.so"
@@ -74,13 +74,16 @@ def import_tensorrt(flavour: str = "tensorrt"):
 
 
 def plugin_paths(paths: list[str] | None) -> list[Path]:
-    """The FAE plugin libraries to build with: ``--plugin`` paths, else ``$TOPROVAR_FAE_PLUGIN``, else none
-    (the ``_entropy`` pieces are built from the function body). PluginError (one line) for a missing file."""
-    given = [Path(p) for p in paths] if paths else ([Path(os.environ[PLUGIN_ENV])] if os.environ.get(PLUGIN_ENV)
-                                                    else [])
+    """The FAE plugin libraries to build with: ``paths`` (``--plugin``; ``[]``: explicitly none), else
+    ``$TOPROVAR_FAE_PLUGIN``, else none (the ``_entropy`` pieces are built from the function body).
+    PluginError (one line) for a missing file."""
+    if paths is not None:
+        given, src = [Path(p) for p in paths], "--plugin"
+    else:
+        env = os.environ.get(PLUGIN_ENV)
+        given, src = ([Path(env)] if env else []), f"${PLUGIN_ENV}"
     for p in given:
         if not p.is_file():
-            src = "--plugin" if paths else f"${PLUGIN_ENV}"
             raise PluginError(f"{src}: FAE TensorRT plugin library not found: {p} (build it with `cmake -S cmake -B "
                               f"build/native && cmake --build build/native`, or leave it out to build the FAE "
                               f"pieces from the ONNX function body)")
@@ -404,6 +407,8 @@ def build_engines(manifest: Manifest, engine_dir: Path | None = None, plugins: l
     trt = import_tensorrt(flavour)
     target = build_target(trt, flavour, targets)
     use_plugin = [p for p in paths] if any(m == "plugin" for m in modes.values()) else []
+    if use_plugin and flavour == "rtx":
+        rtx_parser_library()
     load_plugins(trt, use_plugin)
     engine_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(timing_cache) if timing_cache else engine_dir / "timing.cache"

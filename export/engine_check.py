@@ -11,8 +11,10 @@ One ``EngineReport`` (layers [(name, type)], I/O {name: Tensor}) from either sou
   built engine, on any machine, also without a GPU (TensorRT-RTX builds ahead of time there but cannot
   deserialise).
 
-FAE layers are counted by name: a plugin layer (``PluginV3``) named after a FlashAttentionEntropy node.
-Other plugin layers (e.g. a standard plugin that ``init_libnvinfer_plugins`` registered) do not count.
+FAE layers are counted by name: a plugin layer (``PLUGIN_V3`` in the network; ``PluginV3`` in TensorRT's
+inspector, ``custom_layer`` in TensorRT-RTX's report, one per optimization profile) named after a
+FlashAttentionEntropy node. Other plugin layers (e.g. a standard plugin that ``init_libnvinfer_plugins``
+registered) do not count.
 """
 from __future__ import annotations
 
@@ -118,9 +120,12 @@ def report_from_engine(trt, engine) -> EngineReport:
     return EngineReport(layers, io, "engine inspector")
 
 
+PLUGIN_LAYER_TYPES = ("plugin", "custom_layer")  # substrings of a plugin layer's type in the layer reports
+
+
 def fae_layer_names(layers: list[tuple[str, str]], fae_nodes: list[str]) -> set[str]:
     """The FAE node names that some plugin layer of ``layers`` is named after."""
-    plugins = [name for name, kind in layers if "plugin" in kind.lower()]
+    plugins = [name for name, kind in layers if any(k in kind.lower() for k in PLUGIN_LAYER_TYPES)]
     return {n for n in fae_nodes if any(n in name for name in plugins)}
 
 
@@ -171,6 +176,6 @@ def check_report(report: EngineReport, entry: dict, what: str) -> None:
                                        f"{ref} ({report.source})")
 
 
-__all__ = ["EngineCheckError", "EngineReport", "Tensor", "check_network_io", "check_report", "dtype_name",
+__all__ = ["PLUGIN_LAYER_TYPES", "EngineCheckError", "EngineReport", "Tensor", "check_network_io", "check_report", "dtype_name",
            "fae_layer_names", "make_build_log", "network_fae_plugin_layers", "parse_layer_report",
            "report_from_engine"]

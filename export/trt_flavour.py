@@ -16,6 +16,7 @@ compute capabilities and the timing cache (a no-op in TensorRT-RTX) differ.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 FLAVOURS = ("tensorrt", "rtx")
 MODULES = {"tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
@@ -95,6 +96,28 @@ def check_capability(targets: list[str], capability: tuple[int, int], gpu: str, 
                       f"toprovar-export --engines --trt-flavor tensorrt on this GPU")
 
 
+def rtx_parser_library() -> Path:
+    """Make ``libtensorrt_rtx.so`` resolvable for TensorRT-RTX's ONNX parser, which dlopens that unversioned name
+    when it imports a plugin node (1.7.1: the wheel ships only ``libtensorrt_rtx.so.1``; without it the parser
+    throws inside a noexcept function and the process aborts; plugins/README.md). Creates the symlink beside
+    the wheel's library (the parser's $ORIGIN) if missing, else one-line TargetError naming what to do."""
+    try:
+        import tensorrt_rtx_libs
+    except Exception:  # noqa: BLE001 - an SDK install: its lib/ holds the unversioned name
+        return Path("libtensorrt_rtx.so")
+    libdir = Path(tensorrt_rtx_libs.__file__).parent
+    link = libdir / "libtensorrt_rtx.so"
+    if link.exists():
+        return link
+    try:
+        link.symlink_to("libtensorrt_rtx.so.1")
+    except OSError as exc:
+        raise TargetError(f"TensorRT-RTX's ONNX parser needs {link} to import the FAE plugin node and it cannot be "
+                          f"created ({exc.strerror}): run `ln -s libtensorrt_rtx.so.1 {link}` or put a folder "
+                          f"holding that name on LD_LIBRARY_PATH") from None
+    return link
+
+
 def set_targets(trt, config, targets: list[str]) -> None:
     """Put the compute capabilities on a TensorRT-RTX builder config."""
     enum = trt.ComputeCapability
@@ -108,4 +131,4 @@ def set_targets(trt, config, targets: list[str]) -> None:
 
 __all__ = ["DEFAULT_RTX_TARGETS", "FLAVOURS", "INSTALL", "LABELS", "MODULES", "RTX_TARGETS", "TargetError",
            "TensorRTUnavailable", "capability_name", "check_capability", "check_flavour", "import_flavour",
-           "parse_targets", "set_targets"]
+           "parse_targets", "rtx_parser_library", "set_targets"]

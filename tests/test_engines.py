@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from toprovar.export import engine
-from toprovar.export.engine_check import check_report, fae_layer_names
+from toprovar.export.engine_check import PLUGIN_LAYER_TYPES, check_report, fae_layer_names
 from toprovar.export.manifest import ManifestError, check_engine, load_manifest, verify
 from toprovar.export.trt_flavour import TensorRTUnavailable, import_flavour
 
@@ -47,7 +47,7 @@ def build(request, tmp_path_factory):
     export_model(ExportRequest(model=model, out=str(out), dtype=dtype, jobs=JOBS, progress=False))
     infos = {}
     t0, c0 = time.perf_counter(), _cpu()
-    man = engine.build_engines(load_manifest(out), flavour="rtx", targets=TARGET, opt_level=0, jobs=JOBS,
+    man = engine.build_engines(load_manifest(out), plugins=[], flavour="rtx", targets=TARGET, opt_level=0, jobs=JOBS,
                                progress=False, on_engine=lambda n, e, info: infos.__setitem__(n, info))
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     slow = max(infos, key=lambda n: infos[n]["build_s"])
@@ -95,7 +95,7 @@ def test_engine_io_profiles_and_layers_match_the_manifest(build):
             assert report.io["k"].dtype == report.io["past_k"].dtype == kv and report.io["x"].dtype == "float32"
         if name.endswith("_entropy"):  # function body: no plugin layer, more layers than the plain block
             assert fae_layer_names(report.layers, ["node_attention_with_entropy__1"]) == set()
-            assert not any("plugin" in kind.lower() for _, kind in report.layers)
+            assert not any(k in kind.lower() for _, kind in report.layers for k in PLUGIN_LAYER_TYPES)
             assert report.io["entropy"].dtype == "float32"
         row["checked"] += 1
 
@@ -191,8 +191,10 @@ def test_bad_targets_and_flavour_are_one_line(tiny_float32):
         assert "\n" not in str(ei.value)
 
 
-def test_cli_rtx_engines_and_summary(tiny_float32, tmp_path):
-    """toprovar-export --skip-export --engines --trt-flavor rtx: engines for the export's pieces, a summary line."""
+def test_cli_rtx_engines_and_summary(tiny_float32, tmp_path, monkeypatch):
+    """toprovar-export --skip-export --engines --trt-flavor rtx: engines for the export's pieces, a summary line
+    (no plugin library: the float32 FAE piece from the function body)."""
+    monkeypatch.delenv(engine.PLUGIN_ENV, raising=False)
     import contextlib
     import io
     import shutil

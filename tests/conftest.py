@@ -1,5 +1,24 @@
-"""Shared pytest hooks: the terminal summary of the real TensorRT-RTX engines built by tests/test_engines.py."""
+"""Shared fixtures and hooks: the tiny model's float32 export (tests/test_export.py, tests/test_engines.py) and
+the terminal summary of the real TensorRT-RTX engines built by tests/test_engines.py."""
 from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """The tiny model exported once through the CLI (float32): (out dir, rc, stdout, stderr)."""
+    from toprovar.export import cli
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    jobs = "2" if (os.cpu_count() or 1) >= 2 else "1"  # two export workers (spawned processes)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["--model", "tiny", "--out", str(out), "--no-progress", "--jobs", jobs])
+    return out, rc, stdout.getvalue(), stderr.getvalue()
 
 
 def pytest_configure(config):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -44,7 +45,12 @@ def build(request, tmp_path_factory):
     from toprovar.export.onnx_export import ExportRequest, export_model
     model, dtype = request.param
     out = tmp_path_factory.mktemp("engines") / f"{model}-{dtype}"
-    export_model(ExportRequest(model=model, out=str(out), dtype=dtype, jobs=JOBS, progress=False))
+    if (model, dtype) == ("tiny", "float32"):  # the session's float32 export (conftest), copied
+        src, rc, _, err = request.getfixturevalue("exported")
+        assert rc == 0, err
+        shutil.copytree(src, out)
+    else:
+        export_model(ExportRequest(model=model, out=str(out), dtype=dtype, jobs=JOBS, progress=False))
     infos = {}
     t0, c0 = time.perf_counter(), _cpu()
     man = engine.build_engines(load_manifest(out), plugins=[], flavour="rtx", targets=TARGET, opt_level=0, jobs=JOBS,
@@ -126,6 +132,28 @@ def tiny_float32(tmp_path_factory):
     return load_manifest(out)
 
 
+def test_fae_plugin_inside_the_rtx_builder(tmp_path_factory):
+    """With a plugin library ($TOPROVAR_FAE_PLUGIN: .ci/run builds plugins/ into build/native), a bfloat16
+    block_00_entropy builds through toprovar-export (a child process: a parser failure cannot take pytest down)
+    with one FAE plugin layer, checked in the engine's layer report, and the manifest says ``fae: plugin``."""
+    import subprocess
+    import sys
+    lib = os.environ.get(engine.PLUGIN_ENV)
+    if not lib or not Path(lib).is_file():
+        pytest.skip(f"no FAE plugin library (${engine.PLUGIN_ENV} unset or missing): the plugin path is not built")
+    from toprovar.export.onnx_export import ExportRequest, export_model
+    out = tmp_path_factory.mktemp("plugin") / "tiny"
+    export_model(ExportRequest(model="tiny", out=str(out), dtype="bfloat16", only=["block_00_entropy"],
+                               progress=False))
+    res = subprocess.run([sys.executable, "-m", "toprovar.export.cli", "--skip-export", "--out", str(out), "--engines",
+                          "--trt-flavor", "rtx", "--trt-target", TARGET, "--optimization-level", "0", "--plugin", lib,
+                          "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    e = load_manifest(out)["engines"]["block_00_entropy"]
+    assert (e["fae"], e["plugin_layers"], e["plugins"]) == ("plugin", 1, [str(Path(lib).resolve())])
+    print(f"\nFAE plugin engine: block_00_entropy {e['bytes'] / 1e6:.1f} MB, {e['layers']} layers, {e['build_s']} s")
+
+
 def test_float32_export_with_the_plugin_is_refused_in_one_line(tiny_float32, tmp_path):
     """Defect 1: the plugin takes bfloat16/float16 q/k/v; a float32 export's _entropy piece is refused before
     any library is loaded or engine built (without --plugin it builds from the function body: see above)."""
@@ -197,7 +225,6 @@ def test_cli_rtx_engines_and_summary(tiny_float32, tmp_path, monkeypatch):
     monkeypatch.delenv(engine.PLUGIN_ENV, raising=False)
     import contextlib
     import io
-    import shutil
     from toprovar.export import cli
     out = tmp_path / "cli"
     shutil.copytree(tiny_float32.root, out)
@@ -253,7 +280,6 @@ def test_polygraphy_builds_a_piece_with_tensorrt_rtx(tiny_float32, tmp_path):
 def test_runtime_refuses_rtx_engines_by_compute_capability_before_import(tiny_float32, tmp_path):
     """The trt backend's first check (no TensorRT import, no deserialisation): an H200 (compute 9.0) is refused
     in one line naming the compute capability; an RTX 4090 (8.9) passes."""
-    import shutil
     from toprovar.runtime.tensorrt_backend import check_engines_run_here
     out = tmp_path / "rt"
     shutil.copytree(tiny_float32.root, out)

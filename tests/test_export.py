@@ -2,7 +2,8 @@
 vs PyTorch (polygraphy), the FAE node, external data, dtypes, one-line errors. Real TensorRT-RTX engine
 builds: tests/test_engines.py.
 
-The tiny model is exported once per session (CLI, into a temporary directory). TensorRT comparisons
+The tiny model is exported once per session (CLI, into a temporary directory: the ``exported`` fixture
+of conftest.py, shared with tests/test_engines.py). TensorRT comparisons
 skip with the reason where TensorRT is not importable.
 """
 from __future__ import annotations
@@ -55,15 +56,6 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(argv)
     return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """The tiny model exported once through the CLI: (out dir, rc, stdout, stderr)."""
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    jobs = "2" if (os.cpu_count() or 1) >= 2 else "1"  # two export workers (spawned processes)
-    rc, stdout, stderr = run_cli(["--model", "tiny", "--out", str(out), "--no-progress", "--jobs", jobs])
-    return out, rc, stdout, stderr
 
 
 @pytest.fixture(scope="session")

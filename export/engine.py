@@ -320,7 +320,7 @@ def build_engine(trt, onnx_path: Path, entry: dict, engine_path: Path, target: T
     if target.flavour == "tensorrt" and int(target.version.split(".")[0]) < 11:  # TensorRT 10: opt in
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    parser, fae_nodes = parse_model(trt, log, network, onnx_path, mode)
+    parser, fae_nodes = parse_model(trt, log, network, onnx_path, mode)  # parser owns weights: kept until built
     try:
         io = check_network_io(trt, network, entry, what)
     except EngineCheckError as exc:
@@ -340,6 +340,7 @@ def build_engine(trt, onnx_path: Path, entry: dict, engine_path: Path, target: T
         raise EngineError(f"{_label(trt)} failed to build {onnx_path.name}: "
                           f"{log.errors[-1] if log.errors else 'see the builder log with -v'}")
     data = bytes(plan)
+    del parser
     if cache is not None:
         save_timing_cache(config, cache)
     report = log.report

@@ -94,8 +94,8 @@ def main() -> None:
                  "bits_agree_with_onnxruntime": None, "bits_sha256": f"refused (rc {cli.returncode})",
                  "png_sha256": None})
     payload["environment"] = environment()
-    md = write_results("rtx_check", payload, rows, "shapes export: ONNX Runtime / PyTorch runs, trt backend on "
-                       "TensorRT-RTX engines", Path(args.results),
+    md = write_results("rtx_check", payload, rows, f"{args.model} export: ONNX Runtime / PyTorch runs, trt backend "
+                       f"on TensorRT-RTX engines", Path(args.results),
                        sections=[f"trt backend error line (CLI): `{err[-1] if err else ''}`"])
     print(md.read_text())
 

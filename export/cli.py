@@ -5,11 +5,15 @@
         --t5 flan-t5-xl/ --resolution 1024 --dtype bfloat16 --out export-2b/ --engines
 
 Layout (demo/Diffusion style): OUT/onnx/*.onnx, OUT/engine/*.plan, OUT/manifest.json (docs/export-format.md).
+    toprovar-export --model shapes --out export-shapes/ --dtype bfloat16 --engines --trt-flavor rtx \
+        --trt-target sm86,sm89,sm120                                  # TensorRT-RTX engines, no GPU needed
+
 Exit status: 0 done; 2 bad input (one error line); 3 TensorRT not importable (the ONNX export is done).
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -46,18 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-size", type=int, default=None, help="largest batch (prompts) the engines accept "
                                                                     "(default: max(4, --batch-size))")
     g.add_argument("--pieces", nargs="+", default=None, metavar="NAME",
-                   help="export only these pieces (names or patterns like 'block_*'); the manifest lists only them")
+                   help="export (and build engines of) only these pieces (names or patterns like 'block_*'); "
+                        "the manifest lists only them")
     g.add_argument("--jobs", type=int, default=1, help="export worker processes (each holds the model: for small "
-                                                      "models or machines with memory to spare)")
+                                                      "models or machines with memory to spare); also the "
+                                                      "TensorRT-RTX engine build processes")
     g.add_argument("--skip-export", action="store_true", help="reuse OUT's pieces (verified) and only build engines")
     g = p.add_argument_group("TensorRT")
-    g.add_argument("--engines", action="store_true", help="also build TensorRT engines (needs tensorrt and a GPU)")
+    g.add_argument("--engines", action="store_true", help="also build TensorRT engines (--trt-flavor)")
+    g.add_argument("--trt-flavor", "--trt-flavour", dest="trt_flavor", choices=["tensorrt", "rtx"], default="tensorrt",
+                   help="tensorrt: TensorRT 11, built on the GPU it runs on; rtx: TensorRT-RTX, built ahead of time "
+                        "(no GPU needed) for RTX GPUs of --trt-target")
+    g.add_argument("--trt-target", default=None, metavar="SM,...",
+                   help="TensorRT-RTX compute capabilities, comma separated (sm80, sm86, sm89, sm120, sm121; default "
+                        "sm86,sm89,sm120: RTX 30xx/40xx/50xx)")
     g.add_argument("--engine-dir", default=None, help="engine directory inside --out (default OUT/engine)")
-    g.add_argument("--plugins", nargs="+", default=None, metavar="PATH",
-                   help="FAE TensorRT plugin library (default $TOPROVAR_FAE_PLUGIN or "
-                        "build/native/libtoprovar_fae_trt.so)")
-    g.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/engine/timing.cache)")
-    g.add_argument("--optimization-level", type=int, default=None, help="TensorRT builder optimization level (0-5)")
+    g.add_argument("--plugin", "--plugins", dest="plugins", nargs="+", default=None, metavar="PATH",
+                   help="FAE TensorRT plugin library (default $TOPROVAR_FAE_PLUGIN; without one the _entropy pieces "
+                        "are built from the ONNX function body)")
+    g.add_argument("--timing-cache", default=None, help="timing cache file (default OUT/engine/timing.cache; "
+                                                        "TensorRT only)")
+    g.add_argument("--optimization-level", type=int, default=None, choices=range(6), metavar="0-5",
+                   help="builder optimization level (default: the builder's, 3)")
     g.add_argument("--workspace", type=float, default=8.0, help="builder workspace limit in GiB")
     p.add_argument("-v", "--verbose", action="store_true", help="exporter and TensorRT logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,8 +109,13 @@ def summary_table(manifest: dict) -> str:
     lines.append(f"{len(rows)} pieces, {_fmt_bytes(total)}, dtype {manifest['dtype']}, "
                  f"{len(manifest['schedule'])} scales up to {manifest['schedule'][-1]}")
     if manifest.get("engines"):
-        lines.append(f"{len(manifest['engines'])} engines (TensorRT {manifest['versions'].get('tensorrt')}, "
-                     f"{next(iter(manifest['engines'].values()))['gpu']})")
+        engines = manifest["engines"]
+        e0 = next(iter(engines.values()))
+        where = f"for {','.join(e0['targets'])}" if e0.get("targets") else f"for {e0.get('gpu')}"
+        fae = sorted({e["fae"] for e in engines.values() if e.get("fae")})
+        lines.append(f"{len(engines)} engines ({'TensorRT-RTX' if e0['flavour'] == 'rtx' else 'TensorRT'} "
+                     f"{e0['tensorrt']} {where}, {_fmt_bytes(sum(e.get('bytes', 0) for e in engines.values()))}"
+                     + (f", FAE: {'/'.join(fae)}" if fae else "") + ")")
     for note in manifest.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -109,16 +128,21 @@ def _error(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from toprovar.model.checkpoint import CheckpointError
-    from .engine import EngineError, TensorRTUnavailable, build_engines, find_plugins, import_tensorrt
+    from .engine import EngineError, TensorRTUnavailable, build_engines, import_tensorrt, plugin_paths
+    from .trt_flavour import TargetError, parse_targets
     from .manifest import ManifestError, load_manifest, verify
     from .onnx_export import ExportError, ExportRequest, export_model
     out = Path(args.out)
     try:
         no_trt = None
         if args.engines:  # fail before a long export, not after it (without TensorRT: export, then say so)
+            if args.trt_flavor == "rtx":
+                parse_targets(args.trt_target)
+            elif args.trt_target:
+                raise TargetError("--trt-target: only with --trt-flavor rtx")
+            plugin_paths(args.plugins)
             try:
-                import_tensorrt()
-                find_plugins(args.plugins)
+                import_tensorrt(args.trt_flavor)
             except TensorRTUnavailable as exc:
                 no_trt = exc
         if args.skip_export:
@@ -142,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             _error(f"{no_trt}; ONNX export is done, engines were not built")
             return EXIT_NO_TENSORRT
         try:
+            names = ([n for n in manifest["pieces"] if any(fnmatch.fnmatchcase(n, p) for p in args.pieces)]
+                     if args.pieces else None)
             manifest = build_engines(manifest, Path(args.engine_dir) if args.engine_dir else None, args.plugins,
-                                     args.timing_cache, workspace=int(args.workspace * (1 << 30)),
+                                     args.timing_cache, names=names, workspace=int(args.workspace * (1 << 30)),
                                      opt_level=args.optimization_level, verbose=args.verbose,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, flavour=args.trt_flavor, targets=args.trt_target,
+                                     jobs=args.jobs)
         except TensorRTUnavailable as exc:
             _error(f"{exc}; ONNX export is done, engines were not built")
             return EXIT_NO_TENSORRT

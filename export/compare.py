@@ -33,7 +33,7 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "text_encoder": {"hidden": (5e-5, 1e-5)},
     "vae_decoder": {"image": (5e-5, 1e-5)},
 }
-# TensorRT may run float32 matrix products in TF32 (its default) and fuse differently: looser; sampled
+# TensorRT fuses differently (TF32 is cleared at build: float32 stays float32): looser; sampled
 # bits may flip where u is within rounding of p(1): the head is compared by the mean (flip rate <= 1%)
 TRT_TOLERANCES: dict[str, tuple[float, float]] = {"block": (5e-3, 5e-3), "condition": (2e-3, 2e-3),
                                                    "next_input": (1e-4, 1e-4), "text_encoder": (5e-3, 5e-3),
@@ -210,16 +210,29 @@ def profile_index(entry: dict, feed: dict) -> int:
     raise ValueError(f"no optimization profile holds the shapes {({k: np.shape(v) for k, v in feed.items()})}")
 
 
+def typed_feed(feed: dict, entry: dict) -> dict:
+    """``feed`` (numpy; bfloat16 inputs travel as float32 numpy, which has no bfloat16) as torch tensors of the
+    manifest's dtypes: what a TensorRT runner must be given (a bfloat16 engine input reads 2-byte values)."""
+    dts = {i["name"]: i["dtype"] for i in entry["inputs"]}
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+             "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(table[dts[k]]) for k, v in feed.items()}
+
+
 def compare_trt_ort(manifest, name: str, spec: PieceSpec, plugins: list, feeds: list[dict] | None = None):
-    """TensorRT engine of ``name`` (from the manifest) vs ONNX Runtime, profile chosen per feed:
-    (passed, RunResults). Needs tensorrt, a CUDA GPU and the FAE plugin library."""
+    """TensorRT engine of ``name`` (from the manifest, either flavour) vs ONNX Runtime, profile chosen per feed:
+    (passed, RunResults). Needs the flavour's module, a GPU it runs on and, for ``fae: plugin`` engines, the FAE
+    plugin library. The engine gets its inputs in the manifest's dtypes (``typed_feed``)."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator, IterationResult, RunResults
-    from .engine import import_tensorrt, load_plugins
-    trt = import_tensorrt()
-    load_plugins(trt, plugins)
+    from .engine import load_plugins
+    from .manifest import engine_flavour
+    from .trt_flavour import import_flavour
+    trt = import_flavour(engine_flavour(manifest))
+    if manifest["engines"][name].get("fae") == "plugin":
+        load_plugins(trt, plugins)
     entry = manifest["pieces"][name]
     feeds = feeds if feeds is not None else piece_feeds(spec, entry, manifest["spec"] | manifest["model"],
                                                         [tuple(s) for s in manifest["schedule"]])
@@ -232,8 +245,9 @@ def compare_trt_ort(manifest, name: str, spec: PieceSpec, plugins: list, feeds: 
         for feed in feeds:
             if entry.get("profiles"):
                 tr.set_profile(profile_index(entry, feed))
-            out = tr.infer(feed)
-            trt_iters.append(IterationResult({k: np.array(v) for k, v in out.items()}, runner_name=tr.name))
+            out = tr.infer({k: v.cuda() for k, v in typed_feed(feed, entry).items()})
+            trt_iters.append(IterationResult({k: v.float().cpu().numpy() if isinstance(v, torch.Tensor)
+                                              else np.array(v) for k, v in out.items()}, runner_name=tr.name))
             ort_iters.append(IterationResult(orr.infer(feed), runner_name=orr.name))
     results.append((f"trt-{name}", trt_iters))
     results.append((f"onnxrt-{name}", ort_iters))

@@ -8,7 +8,8 @@ layout, outputs (O like q, H float32: (B, Nq) with head_mean=1, else (B, H, Nq))
 ONNX Runtime runs the model-local function of the same domain/name (``function_proto``): the float32
 math of ``toprovar.ops.reference.attention_entropy_reference`` without key masking (the self-attention
 the entropy is taken over has no padding). The TensorRT engine builder strips that function from a
-copy of the model so that the parser maps the node to the plugin (``strip_local_function``).
+copy of the model so that the parser maps the node to the plugin (``strip_local_function``) or, without a
+plugin library, drops the node's plugin attributes so that it expands the body (``without_plugin_attributes``).
 """
 from __future__ import annotations
 
@@ -132,6 +133,18 @@ def strip_local_function(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [f for f in out.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
     del out.functions[:]
     out.functions.extend(keep)
+    return out
+
+
+def without_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose FAE nodes lack ``plugin_namespace``/``plugin_version`` (the function declares
+    them with defaults): a TensorRT parser then expands the local function even if a creator is registered."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in fae_nodes(out):
+        keep = [a for a in n.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+        del n.attribute[:]
+        n.attribute.extend(keep)
     return out
 
 

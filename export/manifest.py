@@ -10,7 +10,8 @@ Runtime use::
     m = load_manifest("OUT")                 # or OUT/manifest.json; validated against SCHEMA
     verify(m)                                # sha256 + size of every piece file (and external data)
     path = m.piece_path("block_00")          # absolute path of onnx/block_00.onnx
-    eng = check_engine(m, "block_00", trt.__version__, gpu_name())   # refuses stale engines
+    eng = check_engine(m, "block_00", trt.__version__, gpu_name())   # refuses stale or foreign engines
+    eng = check_engine(m, "block_00", trt.__version__, flavour="rtx", capability=(8, 9))  # TensorRT-RTX
 """
 from __future__ import annotations
 
@@ -77,17 +78,22 @@ _PIECE = {
 }
 _ENGINE = {
     "type": "object",
-    "required": ["file", "sha256", "tensorrt", "gpu", "onnx_sha256"],
+    "required": ["file", "sha256", "flavour", "tensorrt", "onnx_sha256"],
     "properties": {
         "file": {"type": "string", "minLength": 1},
         "sha256": _SHA,
         "bytes": {"type": "integer", "minimum": 1},
-        "tensorrt": {"type": "string", "minLength": 1},
-        "gpu": {"type": "string", "minLength": 1},
+        "flavour": {"enum": ["tensorrt", "rtx"]},
+        "tensorrt": {"type": "string", "minLength": 1},  # the builder's version (TensorRT or TensorRT-RTX)
+        "gpu": {"type": ["string", "null"]},  # TensorRT: the GPU it was built on (and runs on)
+        "targets": {"type": ["array", "null"], "items": {"type": "string", "pattern": "^sm[0-9]+$"}},  # RTX
         "onnx_sha256": _SHA,
         "profiles": {"type": "integer", "minimum": 1},
+        "fae": {"enum": ["plugin", "function", None]},
         "plugins": {"type": "array", "items": {"type": "string"}},
         "plugin_layers": {"type": "integer", "minimum": 0},
+        "layers": {"type": "integer", "minimum": 1},
+        "build_s": {"type": "number", "minimum": 0},
     },
 }
 SCHEMA: dict[str, Any] = {
@@ -116,7 +122,7 @@ SCHEMA: dict[str, Any] = {
         "versions": {"type": "object", "required": ["toprovar", "torch", "onnx", "onnxruntime", "tensorrt"],
                      "properties": {k: {"type": ["string", "null"]}
                                     for k in ("toprovar", "torch", "onnx", "onnxruntime", "tensorrt",
-                                              "onnxscript", "polygraphy", "python")}},
+                                              "tensorrt_rtx", "onnxscript", "polygraphy", "python")}},
         "exporter": {"type": "object"},
         "engines": {"type": "object", "additionalProperties": _ENGINE},
         "created": {"type": "string"},
@@ -277,23 +283,58 @@ def _check_engine_source(manifest: Manifest, name: str, eng: dict) -> None:
                             f"piece {piece['sha256'][:12]}...); rebuild with toprovar-export --engines")
 
 
-def check_engine(manifest: Manifest, name: str, tensorrt_version: str, gpu: str, hash_file: bool = True) -> Path:
+def engine_flavour(manifest: Manifest) -> str:
+    """The flavour (``tensorrt`` or ``rtx``) of the manifest's engines; ManifestError without engines or with
+    both flavours."""
+    kinds = sorted({e["flavour"] for e in manifest["engines"].values()})
+    if not kinds:
+        raise ManifestError(f"{manifest.path}: no TensorRT engines in this export; build them with "
+                            f"toprovar-export --engines")
+    if len(kinds) > 1:
+        raise ManifestError(f"{manifest.path}: engines of both flavours ({', '.join(kinds)}); rebuild them with one "
+                            f"toprovar-export --engines --trt-flavor")
+    return kinds[0]
+
+
+def check_engine_target(manifest: Manifest, name: str, flavour: str, gpu: str | None = None,
+                        capability: tuple[int, int] | None = None) -> dict:
+    """The engine entry of ``name`` if its flavour is ``flavour`` and it runs on this GPU (TensorRT: the same GPU
+    name; TensorRT-RTX: ``capability`` among its targets), else ManifestError (one line). Needs no TensorRT
+    module, so it runs before one is imported and before any deserialisation."""
+    from .trt_flavour import LABELS, TargetError, check_capability
+    eng = manifest.engine(name)
+    if eng["flavour"] != flavour:
+        raise ManifestError(f"engine {name}: a {LABELS[eng['flavour']]} engine, not {LABELS[flavour]}; rebuild with "
+                            f"toprovar-export --engines --trt-flavor {flavour}")
+    if flavour == "tensorrt" and gpu is not None and eng.get("gpu") != gpu:
+        raise ManifestError(f"engine {name}: built for GPU {eng.get('gpu')!r}, this is {gpu!r}; "
+                            f"rebuild with toprovar-export --engines")
+    if flavour == "rtx" and capability is not None:
+        try:
+            check_capability(eng.get("targets") or [], capability, gpu or "this GPU", f"engine {name}")
+        except TargetError as exc:
+            raise ManifestError(str(exc)) from None
+    return eng
+
+
+def check_engine(manifest: Manifest, name: str, tensorrt_version: str, gpu: str | None = None,
+                 hash_file: bool = True, flavour: str = "tensorrt", capability: tuple[int, int] | None = None) -> Path:
     """The engine file of piece ``name`` if it is usable here, else ManifestError (one line).
 
-    Refuses an engine built by another TensorRT version, for another GPU, or from other ONNX bytes.
+    Refuses an engine of another flavour, built by another TensorRT(-RTX) version, for another GPU (TensorRT)
+    or other compute capabilities (TensorRT-RTX), or from other ONNX bytes.
     """
-    eng = manifest.engine(name)
+    from .trt_flavour import LABELS
+    eng = check_engine_target(manifest, name, flavour, gpu, capability)
     if eng["tensorrt"] != str(tensorrt_version):
-        raise ManifestError(f"engine {name}: built with TensorRT {eng['tensorrt']}, this is {tensorrt_version}; "
-                            f"rebuild with toprovar-export --engines")
-    if eng["gpu"] != gpu:
-        raise ManifestError(f"engine {name}: built for GPU {eng['gpu']!r}, this is {gpu!r}; "
-                            f"rebuild with toprovar-export --engines")
+        raise ManifestError(f"engine {name}: built with {LABELS[flavour]} {eng['tensorrt']}, this is "
+                            f"{tensorrt_version}; rebuild with toprovar-export --engines")
     _check_engine_source(manifest, name, eng)
     if hash_file:
         _check_file(manifest.root, f"engine {name}", eng["file"], eng["sha256"], eng.get("bytes"))
     return manifest.root / eng["file"]
 
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "SCHEMA", "Manifest", "ManifestError", "check_engine", "file_entry",
+__all__ = ["FORMAT", "MANIFEST_NAME", "SCHEMA", "Manifest", "ManifestError", "check_engine", "check_engine_target",
+           "engine_flavour", "file_entry",
            "load_manifest", "sha256_file", "validate", "verify", "write_manifest"]

@@ -242,7 +242,7 @@ def load_onnx_checked(path: str | os.PathLike, full_check: bool = False):
 # ------------------------------------------------------------------------------------------ whole model
 def versions() -> dict:
     out = {"toprovar": None, "torch": torch.__version__, "onnx": None, "onnxruntime": None, "tensorrt": None,
-           "onnxscript": None, "polygraphy": None, "python": platform.python_version()}
+           "tensorrt_rtx": None, "onnxscript": None, "polygraphy": None, "python": platform.python_version()}
     from importlib import metadata
     for key, dist in (("toprovar", "toprovar"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
                       ("onnxscript", "onnxscript"), ("polygraphy", "polygraphy")):

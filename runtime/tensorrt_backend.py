@@ -1,22 +1,28 @@
 """TensorRT backend: the engines of an export directory, run with ``execute_async_v3`` on torch buffers.
 
-Follows the TensorRT 11 Python API (and NVIDIA demo/Diffusion's runtime layout):
+One code path for both flavours of the manifest's engines (``toprovar.export.trt_flavour``): TensorRT 11
+(``tensorrt``) and TensorRT-RTX (``tensorrt_rtx``); only the module and the compatibility checks differ.
+Follows the TensorRT Python API (and NVIDIA demo/Diffusion's runtime layout):
 
-- the FAE plugin library (the file the engine was built with, ``--plugin``, $TOPROVAR_FAE_PLUGIN or
-  ``build/native/``) is loaded with ``trt.get_plugin_registry().load_library`` (it exports
-  ``getCreators``/``setLoggerFinder``) before any engine is deserialised, and its creator is checked;
-- every engine of the manifest is checked (TensorRT version, GPU, sha256, built from the current ONNX
-  bytes: ``toprovar.export.manifest.check_engine``) and deserialised with ``trt.Runtime``;
+- before anything is imported or deserialised, every engine is checked against this GPU
+  (``check_engine_target``): a TensorRT engine must have been built on a GPU of this name, a TensorRT-RTX
+  engine for this GPU's compute capability (``torch.cuda.get_device_capability``; an H100/H200, compute
+  9.0, runs none: one line says so, even where TensorRT-RTX is not installed);
+- then the flavour's module is imported (any import failure: one line), every engine is checked (version,
+  sha256, built from the current ONNX bytes: ``check_engine``), the FAE plugin library is loaded when an
+  engine holds the plugin (``--plugin``, $TOPROVAR_FAE_PLUGIN, the file the engine was built with, the
+  export's ``plugins/``, ``build/native/``) with ``get_plugin_registry().load_library``, and the engines
+  are deserialised with ``trt.Runtime``; each one's I/O and per-profile shapes must be the manifest's;
 - one execution context per engine, created with ``ExecutionContextAllocationStrategy.USER_MANAGED`` and
   given one device-memory block shared by all contexts (``set_device_memory``; sized by the largest
   ``device_memory_size_v2``): the pieces run one after another on one stream, so they never overlap;
-- per call: ``set_optimization_profile_async`` (the block engines hold one profile per scale; a context
-  switches only when the scale changes), ``set_input_shape`` and ``set_tensor_address`` for every I/O
-  tensor on preallocated torch CUDA buffers (256-byte aligned), ``execute_async_v3(stream)``;
-- optional CUDA-graph capture (``cuda_graph=True``) of the calls whose shapes are fixed: unpruned block
-  calls, heads and next-input pieces; a graph is keyed by the piece, profile, shapes and addresses, so it
-  is replayed only where the very same buffers are bound (the orchestrator's and backend's buffers keep
-  their addresses across scales and generations).
+- per call: ``set_optimization_profile_async`` (the block engines hold one profile per scale),
+  ``set_input_shape`` and ``set_tensor_address`` for every I/O tensor on preallocated torch CUDA buffers
+  (256-byte aligned), ``execute_async_v3(stream)``;
+- optional CUDA graphs (``cuda_graph=True``) of the calls whose shapes are fixed (unpruned block calls,
+  heads, next-input pieces), demo/Diffusion style: each graph key (piece, profile, shapes, addresses) has
+  its own execution context, whose shapes and addresses are set once and never change afterwards, so a
+  replay never runs on a context whose state moved on.
 
 Everything runs on ``self.stream`` (a torch CUDA stream); ``EngineRuntime`` makes it the current torch
 stream for the generation, so the orchestrator's gathers, scatters and copies are ordered with it.
@@ -46,19 +52,14 @@ class EngineError(RuntimeError):
     """An engine that cannot be deserialised or run (one line)."""
 
 
-def import_tensorrt():
-    """The ``tensorrt`` module (or the lean runtime ``tensorrt_lean``), else BackendUnavailable."""
+def import_tensorrt(flavour: str = "tensorrt"):
+    """The runtime module of ``flavour`` (``tensorrt`` or ``tensorrt_rtx``), else BackendUnavailable (one line,
+    whatever the import raised: a missing wheel, a stub, a shared library that does not load)."""
+    from toprovar.export.trt_flavour import TensorRTUnavailable, import_flavour
     try:
-        import tensorrt as trt
-        return trt
-    except ImportError:
-        pass
-    try:
-        import tensorrt_lean as trt  # the lean runtime runs version-compatible engines only
-        return trt
-    except ImportError:
-        raise BackendUnavailable("--backend trt: TensorRT is not importable here (pip install tensorrt, or use "
-                                 "--backend onnxruntime / torch)") from None
+        return import_flavour(flavour)
+    except TensorRTUnavailable as exc:
+        raise BackendUnavailable(f"--backend trt: {exc}, or use --backend onnxruntime / torch") from None
 
 
 def torch_dtype(trt, dt) -> torch.dtype:
@@ -73,27 +74,34 @@ def torch_dtype(trt, dt) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------ engines
-def check_engines(manifest, tensorrt_version: str, gpu: str, verify: bool = True) -> dict[str, Path]:
-    """{piece: engine file} of every engine in the manifest, each checked by ``check_engine`` (built by this
-    TensorRT version, for this GPU, from the current ONNX bytes; file sha256 when ``verify``).
-
-    ManifestError (one line) for the first stale engine, or when the export has no engines."""
-    from toprovar.export.manifest import ManifestError, check_engine
-    if not manifest.get("engines"):
-        raise ManifestError(f"{manifest.path}: no TensorRT engines in this export; build them with "
-                            f"toprovar-export --engines")
-    return {name: check_engine(manifest, name, str(tensorrt_version), gpu, hash_file=verify)
+def check_engines(manifest, tensorrt_version: str, gpu: str | None = None, verify: bool = True,
+                  flavour: str = "tensorrt", capability: tuple[int, int] | None = None) -> dict[str, Path]:
+    """{piece: engine file} of every engine in the manifest, each checked by ``check_engine`` (this flavour,
+    built by this version, for this GPU or compute capability, from the current ONNX bytes; file sha256
+    when ``verify``). ManifestError (one line) for the first unusable engine, or when there are none."""
+    from toprovar.export.manifest import check_engine, engine_flavour
+    engine_flavour(manifest)  # none, or both flavours: one line
+    return {name: check_engine(manifest, name, str(tensorrt_version), gpu, hash_file=verify, flavour=flavour,
+                               capability=capability)
             for name in manifest["engines"]}
+
+
+def check_engines_run_here(manifest, gpu: str, capability: tuple[int, int], flavour: str | None = None) -> str:
+    """The flavour of the manifest's engines if every engine can run on this GPU, else ManifestError (one line):
+    another flavour than ``flavour`` (when given), a TensorRT engine of another GPU, a TensorRT-RTX engine
+    without this compute capability among its targets. Imports no TensorRT module."""
+    from toprovar.export.manifest import check_engine_target, engine_flavour
+    kind = engine_flavour(manifest)
+    for name in manifest["engines"]:
+        check_engine_target(manifest, name, flavour or kind, gpu, capability)
+    return kind
 
 
 # ------------------------------------------------------------------------------------------------ plugin
 def engines_need_plugin(manifest) -> bool:
-    """Whether any engine of the manifest holds a plugin layer (FAE in the ``_entropy`` blocks)."""
-    for name, eng in manifest.get("engines", {}).items():
-        piece = manifest["pieces"].get(name, {})
-        if eng.get("plugin_layers") or eng.get("plugins") or piece.get("custom_ops"):
-            return True
-    return False
+    """Whether any engine of the manifest holds the FAE plugin (``fae: plugin``; built from the function body
+    an ``_entropy`` engine needs no library)."""
+    return any(eng.get("fae") == "plugin" or eng.get("plugin_layers") for eng in manifest.get("engines", {}).values())
 
 
 def plugin_candidates(manifest, explicit: str | None = None) -> list[Path]:
@@ -184,11 +192,20 @@ def _dims(d) -> tuple[int, ...]:
         return ()
 
 
-class _Engine:
-    """One deserialised engine with its execution context and I/O description."""
+class _Context:
+    """An execution context with the profile and input shapes it was last given."""
 
-    def __init__(self, trt, name: str, engine, context):
-        self.name, self.engine, self.context = name, engine, context
+    def __init__(self, context):
+        self.context, self.profile, self.shapes = context, None, {}
+
+
+class _Engine:
+    """One deserialised engine: its main execution context, the contexts of its CUDA graphs, I/O description."""
+
+    def __init__(self, trt, name: str, engine, new_context):
+        self.name, self.engine, self.new_context = name, engine, new_context
+        self.main = _Context(new_context())
+        self.graphs: dict[tuple, tuple[_Context, torch.cuda.CUDAGraph]] = {}
         self.inputs, self.outputs, self.dtypes = [], [], {}
         for i in range(engine.num_io_tensors):
             t = engine.get_tensor_name(i)
@@ -203,30 +220,30 @@ class _Engine:
                 mn, _, mx = engine.get_tensor_profile_shape(t, p)
                 prof[t] = (_dims(mn), _dims(mx))
             self.profiles.append(prof)
-        self.active_profile: int | None = None
-        self.shapes: dict[str, tuple] = {}
 
 
 class TensorRTBackend(PieceBackend):
-    """Backend protocol over TensorRT engines (one execution context each, shared device memory)."""
+    """Backend protocol over TensorRT or TensorRT-RTX engines (shared device memory, one stream)."""
 
     name = "trt"
     alignment = 256  # set_tensor_address wants 256-byte aligned addresses
 
     def __init__(self, manifest, device: torch.device | str = "cuda", plugin: str | None = None,
-                 verify: bool = True, cuda_graph: bool = False, log_level: str = "ERROR"):
+                 verify: bool = True, cuda_graph: bool = False, log_level: str = "ERROR", flavour: str | None = None):
         super().__init__(manifest, device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailable(f"--backend trt needs a CUDA device (got {self.device}, CUDA available: "
                                      f"{torch.cuda.is_available()})")
-        trt = import_tensorrt()
-        self.trt = trt
         gpu = torch.cuda.get_device_name(self.device)
-        paths = check_engines(manifest, trt.__version__, gpu, verify)  # stale engines refused before loading
+        capability = tuple(torch.cuda.get_device_capability(self.device))
+        # flavour, GPU and compute capability first: no import, no deserialisation of an engine that cannot run
+        self.flavour = check_engines_run_here(manifest, gpu, capability, flavour)
+        trt = import_tensorrt(self.flavour)
+        self.trt = trt
+        paths = check_engines(manifest, trt.__version__, gpu, verify, self.flavour, capability)
         self.logger = trt.Logger(getattr(trt.Logger, log_level))
         self.stream = torch.cuda.Stream(self.device)
         self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.plugin_path = None
         if engines_need_plugin(manifest):  # before any deserialisation
             self.plugin_path = find_plugin_library(manifest, plugin)
@@ -238,8 +255,8 @@ class TensorRTBackend(PieceBackend):
             for name, path in paths.items():
                 engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
                 if engine is None:
-                    raise EngineError(f"engine {name}: TensorRT could not deserialise {path} (see the TensorRT log "
-                                      f"above); rebuild with toprovar-export --engines")
+                    raise EngineError(f"engine {name}: {self.flavour_label} could not deserialise {path} (see its "
+                                      f"log above); rebuild with toprovar-export --engines")
                 loaded.append((name, engine))
             size = max(int(e.device_memory_size_v2) for _, e in loaded)
             try:
@@ -249,22 +266,31 @@ class TensorRTBackend(PieceBackend):
                     raise oom_error("allocating TensorRT's shared activation memory", exc, self.device, size) from None
                 raise
             for name, engine in loaded:
-                ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-                if ctx is None:
-                    raise EngineError(f"engine {name}: TensorRT could not create an execution context")
-                ctx.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
-                self.engines[name] = _Engine(trt, name, engine, ctx)
+                self.engines[name] = _Engine(trt, name, engine, lambda engine=engine, name=name: self._context(engine,
+                                                                                                              name))
         self._check_io()
 
+    @property
+    def flavour_label(self) -> str:
+        from toprovar.export.trt_flavour import LABELS
+        return LABELS[self.flavour]
+
+    def _context(self, engine, name: str):
+        """A new execution context on the shared device memory."""
+        ctx = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise EngineError(f"engine {name}: {self.flavour_label} could not create an execution context")
+        ctx.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
+        return ctx
+
     def _check_io(self) -> None:
-        """Every engine's I/O names and dtypes are those of its ONNX piece in the manifest."""
+        """Every engine's I/O names, dtypes and per-profile shapes are those of its ONNX piece in the manifest."""
+        from toprovar.export.engine_check import EngineCheckError, check_report, report_from_engine
         for name, e in self.engines.items():
-            spec = self.require(name)
-            want = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in spec["inputs"] + spec["outputs"]}
-            got = e.dtypes
-            if set(want) != set(got) or any(want[k] != got[k] for k in want):
-                raise EngineError(f"engine {name}: I/O tensors {sorted((k, str(v)) for k, v in got.items())} differ "
-                                  f"from its ONNX piece; rebuild with toprovar-export --engines")
+            try:
+                check_report(report_from_engine(self.trt, e.engine), self.require(name), f"engine {name}")
+            except EngineCheckError as exc:
+                raise EngineError(f"{exc}; rebuild with toprovar-export --engines") from None
 
     # ------------------------------------------------------------------ execution
     def _static_call(self, name: str, inputs: dict[str, torch.Tensor]) -> bool:
@@ -276,29 +302,18 @@ class TensorRTBackend(PieceBackend):
             return inputs["x"].shape[1] == h * w
         return False
 
-    def _execute(self, name, inputs, outputs):
-        e = self.engines.get(name)
-        if e is None:
-            raise PieceError(f"piece {name}: no TensorRT engine in this export; rebuild with toprovar-export --engines")
-        ctx, sh = e.context, self.stream.cuda_stream
-        cur = torch.cuda.current_stream(self.device)
-        other = cur.cuda_stream != sh
-        if other:
-            self.stream.wait_stream(cur)
-        shapes = {k: tuple(t.shape) for k, t in inputs.items()}
-        if len(e.profiles) > 1:
-            prof = select_profile(e.profiles, shapes, self.si if name.startswith("block_") else None, name)
-            if prof != e.active_profile:
-                ctx.set_optimization_profile_async(prof, sh)
-                e.active_profile, e.shapes = prof, {}
-        else:
-            prof = 0
+    def _bind(self, e: _Engine, c: _Context, prof: int, shapes: dict, inputs: dict, outputs: dict) -> dict:
+        """Profile, input shapes and every tensor address on context ``c``; returns the output tensors."""
+        ctx, name = c.context, e.name
+        if len(e.profiles) > 1 and prof != c.profile:
+            ctx.set_optimization_profile_async(prof, self.stream.cuda_stream)
+            c.profile, c.shapes = prof, {}
         for k, t in inputs.items():
-            if k in e.dynamic and e.shapes.get(k) != shapes[k]:
+            if k in e.dynamic and c.shapes.get(k) != shapes[k]:
                 if not ctx.set_input_shape(k, shapes[k]):
                     raise PieceError(f"piece {name}: TensorRT rejects input {k} of shape {list(shapes[k])} "
                                      f"(profile {prof}: {e.profiles[prof].get(k) if e.profiles else None})")
-                e.shapes[k] = shapes[k]
+                c.shapes[k] = shapes[k]
             ctx.set_tensor_address(k, t.data_ptr())
         out = {}
         for k, t in outputs.items():
@@ -309,22 +324,41 @@ class TensorRTBackend(PieceBackend):
                 t = self.ws.view(f"out:trt:{name.split('_')[0]}:{k}", shape, e.dtypes[k])
             ctx.set_tensor_address(k, t.data_ptr())
             out[k] = t
+        return out
+
+    def _run(self, e: _Engine, c: _Context) -> None:
+        if not c.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError(f"piece {e.name}: execute_async_v3 failed (see the {self.flavour_label} log above)")
+
+    def _execute(self, name, inputs, outputs):
+        e = self.engines.get(name)
+        if e is None:
+            raise PieceError(f"piece {name}: no TensorRT engine in this export; rebuild with toprovar-export --engines")
+        cur = torch.cuda.current_stream(self.device)
+        other = cur.cuda_stream != self.stream.cuda_stream
+        if other:
+            self.stream.wait_stream(cur)
+        shapes = {k: tuple(t.shape) for k, t in inputs.items()}
+        prof = (select_profile(e.profiles, shapes, self.si if name.startswith("block_") else None, name)
+                if len(e.profiles) > 1 else 0)
+        out = self._bind(e, e.main, prof, shapes, inputs, outputs)
         key = None
         if self.cuda_graph and self._static_call(name, inputs):
-            key = (name, prof, tuple(shapes.items()), tuple(t.data_ptr() for t in inputs.values()),
+            key = (prof, tuple(shapes.items()), tuple(t.data_ptr() for t in inputs.values()),
                    tuple(t.data_ptr() for t in out.values()))
-        graph = self._graphs.get(key) if key is not None else None
-        if graph is not None:
+        if key is None:
+            self._run(e, e.main)
+        elif key in e.graphs:
             with torch.cuda.stream(self.stream):
-                graph.replay()
-        else:
-            if not ctx.execute_async_v3(sh):
-                raise EngineError(f"piece {name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
-            if key is not None:  # captured after one normal run (lazy initialisation happens outside capture)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=self.stream):
-                    ctx.execute_async_v3(self.stream.cuda_stream)
-                self._graphs[key] = g
+                e.graphs[key][1].replay()
+        else:  # a context of its own for this key: bound once, run once (lazy initialisation), then captured
+            c = _Context(e.new_context())
+            self._bind(e, c, prof, shapes, inputs, out)
+            self._run(e, c)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.stream):
+                self._run(e, c)
+            e.graphs[key] = (c, g)
         if other:
             cur.wait_stream(self.stream)
         return out
@@ -334,5 +368,5 @@ class TensorRTBackend(PieceBackend):
 
 
 __all__ = ["PLUGIN_CREATOR", "PLUGIN_LIBRARY", "EngineError", "PluginError", "TensorRTBackend", "check_engines",
-           "engines_need_plugin", "find_plugin_library", "import_tensorrt", "load_plugin_library",
-           "plugin_candidates", "select_profile"]
+           "check_engines_run_here", "engines_need_plugin", "find_plugin_library", "import_tensorrt",
+           "load_plugin_library", "plugin_candidates", "select_profile"]

@@ -1,7 +1,9 @@
 """toprovar-export: every piece of the tiny model, onnx.checker, manifest schema + hashes, ONNX Runtime
-vs PyTorch (polygraphy), the FAE node, external data, dtypes, one-line errors, engine build plumbing.
+vs PyTorch (polygraphy), the FAE node, external data, dtypes, one-line errors. Real TensorRT-RTX engine
+builds: tests/test_engines.py.
 
-The tiny model is exported once per session (CLI, into a temporary directory). TensorRT comparisons
+The tiny model is exported once per session (CLI, into a temporary directory: the ``exported`` fixture
+of conftest.py, shared with tests/test_engines.py). TensorRT comparisons
 skip with the reason where TensorRT is not importable.
 """
 from __future__ import annotations
@@ -9,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,7 @@ from polygraphy.logger import G_LOGGER  # noqa: E402
 from toprovar.config import get_config  # noqa: E402
 from toprovar.export import cli, engine, fae_onnx  # noqa: E402
 from toprovar.export.compare import TOLERANCES, block_cases, compare_piece, compare_runners, piece_feeds  # noqa: E402
-from toprovar.export.manifest import (SCHEMA, ManifestError, check_engine, load_manifest, sha256_file,  # noqa: E402
-                                      verify)
+from toprovar.export.manifest import SCHEMA, ManifestError, load_manifest, sha256_file, verify  # noqa: E402
 from toprovar.export.onnx_export import (ExportError, ExportRequest, build_specs, export_model,  # noqa: E402
                                          export_piece, load_onnx_checked)
 from toprovar.schedule import get_schedule  # noqa: E402
@@ -57,15 +55,6 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(argv)
     return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """The tiny model exported once through the CLI: (out dir, rc, stdout, stderr)."""
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    jobs = "2" if (os.cpu_count() or 1) >= 2 else "1"  # two export workers (spawned processes)
-    rc, stdout, stderr = run_cli(["--model", "tiny", "--out", str(out), "--no-progress", "--jobs", jobs])
-    return out, rc, stdout, stderr
 
 
 @pytest.fixture(scope="session")
@@ -361,13 +350,13 @@ def test_manifest_hash_mismatch_and_schema_errors(tmp_path, exported):
 def test_missing_plugin_library(tmp_path, manifest, monkeypatch):
     missing = tmp_path / "libnothere.so"
     with pytest.raises(engine.PluginError) as ei:
-        engine.find_plugins([str(missing)])
-    assert _one_line(str(ei.value)).startswith(f"FAE TensorRT plugin library not found: {missing}")
+        engine.plugin_paths([str(missing)])
+    assert _one_line(str(ei.value)).startswith(f"--plugin: FAE TensorRT plugin library not found: {missing}")
     monkeypatch.setenv(engine.PLUGIN_ENV, str(missing))
-    with pytest.raises(engine.PluginError, match="not found"):
+    with pytest.raises(engine.PluginError, match=r"\$TOPROVAR_FAE_PLUGIN: FAE TensorRT plugin library not found"):
         engine.build_engines(manifest, plugins=None, progress=False)  # checked before TensorRT is imported
     monkeypatch.delenv(engine.PLUGIN_ENV)
-    assert engine.default_plugin_path().as_posix().endswith("build/native/libtoprovar_fae_trt.so")
+    assert engine.plugin_paths(None) == []  # no library: the FAE pieces are built from the function body
 
 
 def test_cli_without_tensorrt_says_so_in_one_line(exported):
@@ -379,7 +368,7 @@ def test_cli_without_tensorrt_says_so_in_one_line(exported):
     rc, stdout, err = run_cli(["--skip-export", "--engines", "--out", str(exported[0]), "--no-progress"])
     assert rc == cli.EXIT_NO_TENSORRT and rc != 0
     assert err.count("\n") == 1
-    assert err.startswith("toprovar-export: error: TensorRT is not importable (")
+    assert err.startswith("toprovar-export: error: TensorRT is not importable (tensorrt: ")
     assert err.rstrip().endswith("; ONNX export is done, engines were not built")
     assert "block_00_entropy" in stdout  # the ONNX side was reported first
 
@@ -392,209 +381,27 @@ def test_cli_bad_input_one_line(tmp_path, argv, match):
 
 
 # ------------------------------------------------------------------------------------------ engines
-class _FakeTRT:
-    """A stand-in for the ``tensorrt`` module with the calls engine.py makes (no GPU): exercises profile
-    setup, plugin loading, the plugin-layer checks, engine naming and manifest entries. ``expand``
-    simulates a parser that expands the local function instead of using the plugin."""
-
-    def __init__(self, expand: bool = False):
-        mod = types.ModuleType("tensorrt")
-        mod.__version__ = "11.1.0.99"
-        ns = types.SimpleNamespace
-        mod.Logger = type("Logger", (), {"WARNING": 2, "VERBOSE": 4, "__init__": lambda self, sev=2: None})
-        mod.LayerType = ns(PLUGIN_V3="PLUGIN_V3", MATMUL="MATMUL")
-        mod.NetworkDefinitionCreationFlag = ns(STRONGLY_TYPED=0)
-        mod.OnnxParserFlag = ns(ENABLE_PLUGIN_OVERRIDE=3)
-        mod.MemoryPoolType = ns(WORKSPACE=0)
-        mod.ProfilingVerbosity = ns(DETAILED=2)
-        mod.LayerInformationFormat = ns(JSON=1)
-        self.mod, self.expand, self.built, self.profiles, self.loaded = mod, expand, [], {}, []
-        fake = self
-
-        class Registry:
-            def load_library(self, path):
-                fake.loaded.append(path)
-                return object()
-
-            def get_creator(self, name, version, namespace):
-                return object() if fake.loaded and (name, version, namespace) == ("FlashAttentionEntropy", "1",
-                                                                                 "toprovar") else None
-
-        class Network:
-            def __init__(self):
-                self.layers = []
-            num_layers = property(lambda self: len(self.layers))
-
-            def get_layer(self, i):
-                return ns(type=self.layers[i])
-
-        class Parser:
-            def __init__(self, network, logger):
-                self.network, self.flags, self.num_errors = network, set(), 0
-
-            def set_flag(self, f):
-                self.flags.add(f)
-
-            def parse(self, data, path=None):
-                m = onnx.load_from_string(data)
-                has_fn = any(f.name == "FlashAttentionEntropy" for f in m.functions)
-                use_plugin = not fake.expand and (not has_fn or 3 in self.flags)
-                for n in m.graph.node:
-                    self.network.layers.append("PLUGIN_V3" if n.op_type == "FlashAttentionEntropy" and use_plugin
-                                               else "MATMUL")
-                return True
-
-        class Profile:
-            def __init__(self):
-                self.shapes = {}
-
-            def set_shape(self, name, mn, opt, mx):
-                assert all(a <= b <= c for a, b, c in zip(mn, opt, mx)), (name, mn, opt, mx)
-                self.shapes[name] = (mn, opt, mx)
-
-        class Cache:
-            def serialize(self):
-                return b"timing"
-
-        class Config:
-            def __init__(self):
-                self.profiles = []
-
-            def set_memory_pool_limit(self, pool, size):
-                pass
-
-            def create_timing_cache(self, blob):
-                return Cache()
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                pass
-
-            def get_timing_cache(self):
-                return Cache()
-
-            def add_optimization_profile(self, p):
-                self.profiles.append(p)
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags=0):
-                return Network()
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                n = sum(1 for t in network.layers if t == "PLUGIN_V3")
-                fake.built.append(len(config.profiles))
-                return json.dumps({"plugins": n, "profiles": len(config.profiles)}).encode()
-
-        class Engine:
-            def __init__(self, data):
-                self.info = json.loads(data)
-
-            def create_engine_inspector(self):
-                n = self.info["plugins"]
-                return ns(get_engine_information=lambda fmt: json.dumps(
-                    {"Layers": [{"Name": "fae", "LayerType": "PluginV3"}] * n + [{"Name": "mm", "LayerType": "Gemm"}]}))
-
-        class Runtime:
-            def __init__(self, logger):
-                pass
-
-            def deserialize_cuda_engine(self, data):
-                return Engine(data)
-
-        reg = Registry()
-        mod.get_plugin_registry = lambda: reg
-        mod.Builder, mod.OnnxParser, mod.Runtime = Builder, Parser, Runtime
-
-
-@pytest.fixture
-def fake_trt(monkeypatch, tmp_path):
-    fake = _FakeTRT()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake.mod)
-    monkeypatch.setattr(engine, "gpu_name", lambda device=0: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(engine, "_LOADED", {})
-    plugin = tmp_path / "libtoprovar_fae_trt.so"
-    plugin.write_bytes(b"\x7fELF fake")
-    return fake, plugin
-
-
-def test_engine_build_plumbing_with_fake_tensorrt(tmp_path, exported, fake_trt):
-    """build_engines against a fake tensorrt module: profiles per scale, plugin layer checked, names with
-    TensorRT version + GPU, manifest entries that refuse stale engines. (Real TensorRT: see below.)"""
-    fake, plugin = fake_trt
-    out = _copy(exported[0], tmp_path / "eng")
-    man = load_manifest(out)
-    names = ["block_00", "block_00_entropy", "head_s03", "policy_s02"]
-    man = engine.build_engines(man, plugins=[str(plugin)], names=names, progress=False)
-    assert sorted(fake.built) == [0, 1, len(SCHEDULE), len(SCHEDULE)] and fake.loaded == [str(plugin.resolve())]
-    man = load_manifest(out)
-    verify(man, engines=True)
-    e = man["engines"]["block_00_entropy"]
-    assert e["file"] == "engine/block_00_entropy.trt11.1.0.99.NVIDIA-H100-80GB-HBM3.plan"
-    assert e["plugin_layers"] == 1 and man["engines"]["block_00"]["plugin_layers"] == 0
-    assert e["onnx_sha256"] == man["pieces"]["block_00_entropy"]["sha256"] and e["profiles"] == len(SCHEDULE)
-    assert man["versions"]["tensorrt"] == "11.1.0.99" and (out / "engine" / "timing.cache").is_file()
-    assert check_engine(man, "block_00_entropy", "11.1.0.99", "NVIDIA H100 80GB HBM3") == out / e["file"]
-    with pytest.raises(ManifestError, match="built with TensorRT 11.1.0.99, this is 11.2"):
-        check_engine(man, "block_00_entropy", "11.2", "NVIDIA H100 80GB HBM3")
-    with pytest.raises(ManifestError, match="built for GPU"):
-        check_engine(man, "block_00_entropy", "11.1.0.99", "NVIDIA H200")
-    with pytest.raises(ManifestError, match="no engine for piece"):
-        check_engine(man, "head_s00", "11.1.0.99", "NVIDIA H100 80GB HBM3")
-    # unchanged pieces are not rebuilt; a re-exported piece makes its engine stale
-    engine.build_engines(man, plugins=[str(plugin)], names=names, progress=False)
-    assert len(fake.built) == 4
-    raw = json.loads(man.path.read_text())
-    raw["pieces"]["head_s03"]["sha256"] = "f" * 64
-    man.path.write_text(json.dumps(raw))
-    with pytest.raises(ManifestError, match="engine head_s03: stale"):
-        check_engine(load_manifest(out), "head_s03", "11.1.0.99", "NVIDIA H100 80GB HBM3")
-
-
-def test_engine_build_refuses_function_expansion(tmp_path, exported, fake_trt, monkeypatch):
-    fake, plugin = fake_trt
-    fake.expand = True
-    out = _copy(exported[0], tmp_path / "eng2")
-    with pytest.raises(engine.PluginError, match="1 FlashAttentionEntropy node.* but 0 plugin layer"):
-        engine.build_engines(load_manifest(out), plugins=[str(plugin)], names=["block_03_entropy"], progress=False)
-
-
-def test_engine_parser_sees_no_local_function(tmp_path, exported, fake_trt):
-    """Without the ENABLE_PLUGIN_OVERRIDE flag the (fake) parser expands a local function: the builder must
-    hand it a model without one."""
-    fake, plugin = fake_trt
-    del fake.mod.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE
-    out = _copy(exported[0], tmp_path / "eng3")
-    man = engine.build_engines(load_manifest(out), plugins=[str(plugin)], names=["block_01_entropy"], progress=False)
-    assert man["engines"]["block_01_entropy"]["plugin_layers"] == 1
-
-
+# Real TensorRT-RTX builds of every piece: tests/test_engines.py. TensorRT 11 engines against ONNX Runtime
+# (below) need TensorRT and the GPU the engines are built on.
 TRT_PIECES = ["block_00", "block_00_entropy", "condition_cfg", "head_s03", "head_s03_nocfg", "next_input_s03",
               "policy_s03", "text_encoder", "vae_decoder"]
 
 
 @pytest.fixture(scope="session")
 def trt_export(exported, tmp_path_factory):
-    """Engines for TRT_PIECES (real TensorRT, a CUDA GPU and the FAE plugin library; else skip with why)."""
+    """TensorRT 11 engines for TRT_PIECES (real TensorRT and a CUDA GPU; the FAE plugin when
+    $TOPROVAR_FAE_PLUGIN names one, else the function body; else skip with why)."""
     try:
-        engine.import_tensorrt()
-    except engine.TensorRTUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        plugins = engine.find_plugins(None)
+        engine.import_tensorrt("tensorrt")
+        plugins = engine.plugin_paths(None)
         engine.gpu_name()
     except engine.EngineError as exc:
         pytest.skip(str(exc))
+    except engine.TensorRTUnavailable as exc:
+        pytest.skip(str(exc))
     out = _copy(exported[0], tmp_path_factory.mktemp("trt") / "tiny")
-    man = engine.build_engines(load_manifest(out), plugins=[str(p) for p in plugins], names=TRT_PIECES,
-                               progress=False)
+    engine.build_engines(load_manifest(out), plugins=[str(p) for p in plugins] or None, names=TRT_PIECES,
+                         progress=False)
     return load_manifest(out), plugins
 
 
@@ -603,7 +410,7 @@ def test_tensorrt_matches_onnxruntime(trt_export, specs, name):
     from toprovar.export.compare import compare_trt_ort
     man, plugins = trt_export
     if name.endswith("_entropy"):
-        assert man["engines"][name]["plugin_layers"] == 1
+        assert man["engines"][name]["plugin_layers"] == (1 if plugins else 0)
     ok, _ = compare_trt_ort(man, name, specs[name], plugins)
     assert ok, f"{name}: TensorRT differs from ONNX Runtime"
 

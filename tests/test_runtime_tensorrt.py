@@ -3,7 +3,6 @@ engines against ONNX Runtime where TensorRT and CUDA are present (skipped with t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 
 import pytest
@@ -48,8 +47,8 @@ def _manifest(tmp_path, engine: dict | None = None, custom_ops=("toprovar::Flash
              "outputs": [{"name": "x_out", "shape": ["Bp", "n", 8], "dtype": "float32"}], "opset": 18,
              "external_data": [], "custom_ops": list(custom_ops)}
     eng = {"file": "engine/block_00_entropy.plan", "sha256": hashlib.sha256(b"plan bytes").hexdigest(), "bytes": 10,
-           "tensorrt": "11.1.0", "gpu": "NVIDIA H100 80GB HBM3", "onnx_sha256": piece["sha256"], "profiles": 7,
-           "plugins": [], "plugin_layers": 1}
+           "flavour": "tensorrt", "tensorrt": "11.1.0", "gpu": "NVIDIA H100 80GB HBM3", "targets": None,
+           "onnx_sha256": piece["sha256"], "profiles": 7, "fae": "plugin", "plugins": [], "plugin_layers": 1}
     eng.update(engine or {})
     data = {"format": FORMAT, "model": {}, "schedule": [[1, 1]], "preset": "0.06M", "h_div_w": 1.0,
             "dtype": "float32", "policy": None, "pieces": {"block_00_entropy": piece},
@@ -113,8 +112,33 @@ def test_missing_plugin_library_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_engines_without_plugin_layers_need_no_library(tmp_path):
-    m = _manifest(tmp_path, {"plugin_layers": 0}, custom_ops=())
+    m = _manifest(tmp_path, {"plugin_layers": 0, "fae": None}, custom_ops=())
     assert not tb.engines_need_plugin(m)
+    # an _entropy engine built from the FAE function body needs no library either
+    m = _manifest(tmp_path, {"plugin_layers": 0, "fae": "function"})
+    assert not tb.engines_need_plugin(m)
+
+
+def test_engines_are_checked_against_the_gpu_before_any_import(tmp_path):
+    """Flavour, GPU name (TensorRT) or compute capability (TensorRT-RTX) come first, in one line."""
+    m = _manifest(tmp_path)
+    assert tb.check_engines_run_here(m, "NVIDIA H100 80GB HBM3", (9, 0)) == "tensorrt"
+    with pytest.raises(ManifestError, match="built for GPU 'NVIDIA H100 80GB HBM3', this is 'NVIDIA H200'"):
+        tb.check_engines_run_here(m, "NVIDIA H200", (9, 0))
+    with pytest.raises(ManifestError, match="a TensorRT engine, not TensorRT-RTX; rebuild with toprovar-export "
+                                            "--engines --trt-flavor rtx"):
+        tb.check_engines_run_here(m, "NVIDIA H100 80GB HBM3", (9, 0), flavour="rtx")
+    m = _manifest(tmp_path, {"flavour": "rtx", "tensorrt": "1.7.1.116", "gpu": None, "targets": ["sm86", "sm120"],
+                             "fae": "function"})
+    assert tb.check_engines_run_here(m, "NVIDIA GeForce RTX 5090", (12, 0)) == "rtx"
+    for gpu, cap, extra in [("NVIDIA H200", (9, 0), "; not on Hopper"), ("NVIDIA GeForce RTX 4090", (8, 9), "")]:
+        with pytest.raises(ManifestError) as info:
+            tb.check_engines_run_here(m, gpu, cap)
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"engine block_00_entropy: TensorRT-RTX engines built for "
+                                                   f"sm86,sm120 cannot run on this GPU ({gpu}, compute capability "
+                                                   f"{cap[0]}.{cap[1]})")
+        assert ("TensorRT-RTX runs on RTX GPUs" in msg) == bool(extra)
 
 
 # ------------------------------------------------------------------------------------------ profiles
@@ -146,8 +170,12 @@ def test_select_profile_error_names_piece_and_range():
 # ------------------------------------------------------------------------------------------ availability
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is importable here")
 def test_backend_unavailable_without_tensorrt():
-    with pytest.raises(BackendUnavailable, match="TensorRT is not importable here"):
-        tb.import_tensorrt()
+    """No lean-runtime fallback: without the flavour's module, one line (whatever the import raised)."""
+    with pytest.raises(BackendUnavailable) as info:
+        tb.import_tensorrt("tensorrt")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("--backend trt: TensorRT is not importable (tensorrt: ")
+    assert "tensorrt_lean" not in msg
 
 
 def test_cli_trt_without_cuda_or_tensorrt_is_one_line(tmp_path, capsys):
@@ -165,31 +193,32 @@ def test_cli_trt_without_cuda_or_tensorrt_is_one_line(tmp_path, capsys):
     assert ("needs a CUDA device" in err[0]) if not HAS_CUDA else ("TensorRT is not importable" in err[0])
 
 
-# ------------------------------------------------------------------------------------------ engines (GPU)
-def _has_builder() -> bool:
+def test_rtx_runtime_module_imports_here():
+    """TensorRT-RTX (installed by .ci/run) is importable as the trt backend's rtx module; it has a Runtime."""
     try:
-        import tensorrt as trt
-        return hasattr(trt, "Builder")
-    except ImportError:
-        return False
+        trt = tb.import_tensorrt("rtx")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    assert trt.__name__ in ("tensorrt_rtx", "tensorrt_rtx_bindings") and hasattr(trt, "Runtime")
 
 
+# ------------------------------------------------------------------------------------------ engines (GPU)
 @pytest.fixture(scope="module")
 def trt_export(tmp_path_factory):
+    """TensorRT 11 engines of the tiny model built on this GPU (FAE plugin from $TOPROVAR_FAE_PLUGIN, else the
+    function body)."""
     if not (HAS_TRT and HAS_CUDA):
         pytest.skip("needs TensorRT and a CUDA device")
-    if not _has_builder():
-        pytest.skip("the TensorRT builder is not installed (lean runtime only): engines cannot be built here")
-    if importlib.util.find_spec("toprovar.export.engine") is None:
-        pytest.skip("toprovar.export.engine (engine builder) is not available")
-    from toprovar.export.engine import build_engines, default_plugin_path
+    from toprovar.export.engine import EngineError, build_engines
     from toprovar.export.manifest import load_manifest
     from toprovar.export.onnx_export import ExportRequest, export_model
-    if not default_plugin_path().is_file():
-        pytest.skip(f"FAE TensorRT plugin library not built ({default_plugin_path()})")
+    from toprovar.export.trt_flavour import TensorRTUnavailable
     out = tmp_path_factory.mktemp("trt") / "tiny"
     export_model(ExportRequest(model="tiny", out=str(out), progress=False))
-    build_engines(load_manifest(out), progress=False)
+    try:
+        build_engines(load_manifest(out), progress=False)
+    except (TensorRTUnavailable, EngineError) as exc:
+        pytest.skip(str(exc))
     return out
 
 
@@ -206,7 +235,7 @@ def test_tensorrt_matches_onnxruntime(trt_export, policy, cuda_graph):
         ref = ort_rt.generate(prompts, seed=seed, policy=make_policy(policy), progress=False)
         a = runs[-1]  # the second run replays the captured graphs
         assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(runs[0].bits, runs[1].bits))
-        # float32 engines (TF32 off by strong typing) agree with ONNX Runtime on all but borderline bits
+        # float32 engines (TF32 cleared at build) agree with ONNX Runtime on all but borderline bits
         same = sum(int((x.cpu() == y).sum()) for x, y in zip(a.bits, ref.bits))
         total = sum(y.numel() for y in ref.bits)
         assert same / total > 0.99, f"{same}/{total} bits agree"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,11 @@ class ModelParts:
     model: Infinity
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
-    random_weights: bool
+    random_parts: list[str]  # parts with random (seeded) weights: "transformer", "VAE", "text encoder"
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.random_parts)
 
 
 def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
@@ -26,15 +31,26 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
                seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> ModelParts:
     """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
 
-    A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
-    names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
-    tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    A config with packaged weights (``shapes``) loads them, the transformer from ``checkpoint`` when given;
+    ``weights`` names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written
+    by tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
     """
     cfg = get_config(model)
     files = cfg.weight_files(weights, checkpoint)
     text_weights = files["text_encoder"] if files else None
     if files:
         checkpoint, vae = files["model"], vae or files["vae"]
+    for arg, path in (("--checkpoint", checkpoint), ("--vae", vae)):  # fail before building anything
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{arg}: {path}: file not found")
+    if not text_encoder:
+        te = None
+    elif t5:
+        te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
+    elif cfg.text_encoder == "tiny":
+        te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
+    else:
+        raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
     # random weights are drawn on the CPU so a seed gives the same model on every device
     net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
     if checkpoint:
@@ -45,12 +61,6 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     net = net.to(device)
     dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
     dec = dec.to(device).eval().requires_grad_(False)
-    if not text_encoder:
-        te = None
-    elif t5:
-        te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
-    elif cfg.text_encoder == "tiny":
-        te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
-    else:
-        raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
-    return ModelParts(cfg, net, dec, te, random_weights=not checkpoint)
+    random_parts = [name for name, given in (("transformer", checkpoint), ("VAE", vae),
+                                             ("text encoder", te is None or t5 or text_weights)) if not given]
+    return ModelParts(cfg, net, dec, te, random_parts)

@@ -80,6 +80,15 @@ def read_calibration(path: str | Path) -> dict:
     return data
 
 
+def check_calibration_model(policy: "Policy", model: str) -> None:
+    """ValueError unless the policy's calibration (if it read one) was made for ``model`` (a calibration of
+    another model of the same depth would otherwise be accepted)."""
+    meta = getattr(policy, "calibration", None) or {}
+    made = meta.get("model")
+    if made and made != model:
+        raise ValueError(f"--calibration: {meta.get('path')}: calibrated for model {made!r}, not {model!r}")
+
+
 class Policy:
     """No pruning: every scale, layer and token runs; no entropy is computed."""
 

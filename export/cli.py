@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset (>= 18; default {DEFAULT_OPSET})")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="matrix/KV dtype of the pieces (norms, AdaLN, head and sampling stay float32)")
+    g.add_argument("--keep-fp32-params", action="store_true",
+                   help="with --dtype bfloat16/float16: keep the blocks' ada_gss, ca_norm and scale_mul float32 "
+                        "(default: cast like the official load_infinity)")
     g.add_argument("--batch-size", type=positive_int, default=1, help="prompts per generation the engines are tuned for")
     g.add_argument("--max-batch-size", type=positive_int, default=None, help="largest batch (prompts) the engines accept "
                                                                     "(default: max(4, --batch-size))")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             req = ExportRequest(model=args.model, out=str(out), checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                                 resolution=args.resolution, h_div_w=args.h_div_w, dtype=args.dtype, opset=args.opset,
                                 onnx_dir=args.onnx_dir, calibration=args.calibration, weights_seed=args.weights_seed, weights=args.weights,
-                                batch_size=args.batch_size,
+                                batch_size=args.batch_size, keep_fp32_params=args.keep_fp32_params,
                                 max_batch_size=args.max_batch_size or max(4, args.batch_size),
                                 only=args.pieces, jobs=args.jobs, verbose=args.verbose,
                                 progress=not args.no_progress)

@@ -292,6 +292,7 @@ class ExportRequest:
     weights_seed: int = 0
     weights: str | None = None      # a trained small model's weights directory (default: the packaged one)
     text_weights: str | None = None  # set from the weights directory: the tiny text encoder's trained weights
+    keep_fp32_params: bool = False  # see Infinity.to_inference_dtype
     batch_size: int = 1
     max_batch_size: int = 4
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
@@ -326,7 +327,7 @@ def load_model(req: ExportRequest, cfg):
         net = net.to_empty(device="cpu")
         net.load_checkpoint(req.checkpoint)
     if DTYPES[req.dtype] != torch.float32:
-        net.to_inference_dtype(DTYPES[req.dtype])
+        net.to_inference_dtype(DTYPES[req.dtype], req.keep_fp32_params)
     return net.eval().requires_grad_(False)
 
 
@@ -460,6 +461,7 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         "rope_grid": [gh, gw],
         "latent": list(P.latent_grid(cfg, schedule)),
         "dtype": req.dtype,
+        "keep_fp32_params": req.keep_fp32_params,
         "batch": {"opt": req.batch_size, "max": req.max_batch_size},
         "min_tokens": list(min_tokens) if not isinstance(min_tokens, int) else [1] * len(schedule),
         "weights_seed": None if req.checkpoint else req.weights_seed,

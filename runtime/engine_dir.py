@@ -172,6 +172,7 @@ class EngineRuntime:
         # the CPU draw of the same seed), then moved
         parts = load_parts(cfg.name, checkpoint=checkpoint, vae=vae, t5=t5 or None, device="cpu",
                            weights=weights.get("dir") if weights else None,
+                           keep_fp32_params=bool(manifest.get("keep_fp32_params")),
                            dtype={"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16}[manifest["dtype"]],
                            seed=weights_seed(manifest) or 0,

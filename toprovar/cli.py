@@ -29,7 +29,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy, str(calibration) if calibration else None)
     check_calibration_model(policy, model_cfg.name)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
-                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
+                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
+                         keep_fp32_params=args.keep_fp32_params)
     pipe.compile = args.compile
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights ({', '.join(pipe.random_parts)}): the image is "

@@ -93,7 +93,10 @@ def prompt_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raw = text.encode("utf-8", "surrogateescape")  # the bytes as given on the command line
+        try:
+            raw = text.encode("utf-8", "surrogateescape")  # the bytes as given on the command line
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "backslashreplace")
         raise argparse.ArgumentTypeError(f"{raw[:40]!r} is not valid UTF-8") from None
     return text
 
@@ -126,6 +129,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t5", default=None, help="local flan-t5-xl directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--keep-fp32-params", action="store_true",
+                   help="with --dtype bfloat16/float16: keep the blocks' ada_gss, ca_norm and scale_mul float32 "
+                        "(default: cast like the official load_infinity)")
     p.add_argument("--weights-seed", type=seed_value, default=0, help="seed of the random weights (no checkpoint)")
 
 

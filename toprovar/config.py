@@ -99,12 +99,15 @@ class ModelConfig:
         return dataclasses.replace(self, **kw).validate()
 
 
+# Sampling defaults of the real models as the official notebooks have them (tools/interactive_infer.ipynb:
+# cfg 3, tau 0.5; tools/interactive_infer_8b.ipynb: cfg 3, tau 1.0; both top_p 0.97, 1M); the oracle checks them.
 CONFIGS: dict[str, ModelConfig] = {
     "infinity-2b": ModelConfig("infinity-2b", depth=32, width=2048, num_heads=16, text_channels=2048,
-                               codebook_dim=32, vae="infinity-2b", text_encoder="flan-t5-xl").validate(),
+                               codebook_dim=32, vae="infinity-2b", text_encoder="flan-t5-xl",
+                               default_cfg=3.0, default_tau=0.5).validate(),
     "infinity-8b": ModelConfig("infinity-8b", depth=40, width=3584, num_heads=28, text_channels=2048,
                                codebook_dim=14, spatial_patchify=True, vae="infinity-8b",
-                               text_encoder="flan-t5-xl").validate(),
+                               text_encoder="flan-t5-xl", default_cfg=3.0, default_tau=1.0).validate(),
     "tiny": ModelConfig("tiny", depth=4, width=128, num_heads=2, text_channels=128, codebook_dim=16,
                         vae="tiny", text_encoder="tiny", text_maxlen=64, block_chunks=2,
                         default_preset="0.06M", default_cfg=3.0, default_tau=1.0).validate(),

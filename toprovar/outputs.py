@@ -53,9 +53,9 @@ def check_output_file(path: str | os.PathLike, arg: str) -> Path:
     p = Path(text)
     try:
         st = os.lstat(p)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent, or under a file (said below)
         st = None
-    except OSError as exc:  # e.g. a path through a regular file (ENOTDIR), too long
+    except OSError as exc:  # e.g. a name too long
         raise OutputError(f"{arg}: {p}: {exc.strerror}") from None
     if st is not None:
         kind = _kind(st.st_mode)

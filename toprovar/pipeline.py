@@ -53,7 +53,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = "tiny", **kw) -> "Pipeline":
         """A pipeline over ``load_parts(model, **kw)`` (checkpoint, vae, t5, device, dtype, seed, text_encoder,
-        weights; random seeded weights where none are given)."""
+        weights, keep_fp32_params; random seeded weights where none are given)."""
         p = load_parts(model, **kw)
         return cls(p.cfg, p.model, p.decoder, p.text_encoder, p.random_parts)
 

@@ -28,12 +28,14 @@ class ModelParts:
 
 def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
                t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> ModelParts:
+               seed: int = 0, text_encoder: bool = True, weights: str | None = None,
+               keep_fp32_params: bool = False) -> ModelParts:
     """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
 
     A config with packaged weights (``shapes``) loads them, the transformer from ``checkpoint`` when given;
     ``weights`` names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written
     by tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    keep_fp32_params: see ``Infinity.to_inference_dtype`` (a non-float32 ``dtype`` only).
     """
     cfg = get_config(model)
     files = cfg.weight_files(weights, checkpoint)
@@ -57,7 +59,7 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
         net = net.to_empty(device="cpu")
         net.load_checkpoint(checkpoint)
     if dtype != torch.float32:
-        net.to_inference_dtype(dtype)
+        net.to_inference_dtype(dtype, keep_fp32_params)
     net = net.to(device)
     dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
     dec = dec.to(device).eval().requires_grad_(False)

@@ -272,7 +272,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                    model_cfg.default_tau if args.tau is None else args.tau,
                    model_cfg.top_p if args.top_p is None else args.top_p, len(schedule))
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5, device=args.device,
-                         dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
+                         dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
+                         keep_fp32_params=args.keep_fp32_params)
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights: the calibration shows the procedure only",
               file=sys.stderr)

@@ -271,9 +271,11 @@ def load_manifest(path: str | os.PathLike, validate_schema: bool = True) -> Mani
         p = p / MANIFEST_NAME
     elif not p.is_file():
         raise ManifestError(f"{p}: not an export directory nor a manifest file")
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(p.read_text(), parse_constant=no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN / Infinity
         raise ManifestError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise ManifestError(f"{p}: cannot read ({exc.strerror})") from None

@@ -33,7 +33,20 @@ sampling differs between CPU and CUDA, so bits are teacher-forced, not sampled):
   lvl_embed), the logits of both CFG halves at every scale, and the final summed codes.
 * ``test_bit_sampling_semantics``: the official top-k/top-p bit sampler's distribution vs ``sample_bits``
   (top_p = 0 means "no top-p" in both).
-Cases: three tiny configs (incl. the 8B-style spatial patchify) and square/wide/tall schedules.
+Cases: three tiny configs (incl. the 8B-style spatial patchify) and square/wide/tall schedules, at 0.06M and at
+0.25M (h/w 3, 1/3, 1.5: the 54x18 scale whose RoPE positions round differently in float64 than in the official
+float32). Every preset and ratio of the schedule:
+
+* ``test_schedule_table_matches_official``: our schedule table is the official ``dynamic_resolution_h_w``;
+* ``test_rope_tables_every_preset_and_ratio``: RoPE cos/sin tables bit for bit (60 schedules, head dim 64, 128).
+
+bf16 (``test_bf16_inference_follows_official_casting``): the official ``load_infinity(bf16=True)`` model (blocks
+``.bfloat16()``, run under CPU bf16 autocast with CUDA autocast's float32 policy, ``_shims.cuda_like_bf16_autocast``)
+vs our ``to_inference_dtype(bfloat16)``, both measured against the official model run in float64
+(``_shims.float64_everywhere``): max |ours - official| <= 2% of max |logits| (measured ~1%), and our error to
+float64 <= 1.5x the official's (measured 0.9-1.1x); ``keep_fp32_params`` measured alongside.
+Defaults (``test_sampling_defaults_are_the_official_notebooks``): cfg/tau of infinity-2b/-8b from the official
+notebooks, top_p from ``gen_one_img``.
 
 Known differences of the official code that the oracle neutralises (documented, not hidden):
 * its ``CrossAttention`` casts float32 q/kv to bfloat16 for flash-attn (no float32 kernel), so even the

@@ -136,9 +136,11 @@ def check_args(args: argparse.Namespace) -> None:
     cfg = get_config(args.model)
     _, schedule = resolve_schedule(cfg, args.resolution, args.h_div_w)
     cfg.weight_files(args.weights, args.checkpoint)  # a missing --weights directory
+    from toprovar.inputs import file_problem
     for arg, path in (("--checkpoint", args.checkpoint), ("--vae", args.vae), ("--calibration", args.calibration)):
-        if path and not Path(path).is_file():
-            raise ValueError(f"{arg}: {path}: file not found")
+        problem = path and file_problem(path)
+        if problem:
+            raise ValueError(f"{arg}: {path}: {problem}")
     if args.t5 and not (Path(args.t5) / "config.json").is_file():
         raise ValueError(f"--t5: {args.t5} is not a T5 directory (no config.json)")
     if args.calibration:

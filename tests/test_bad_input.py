@@ -172,8 +172,18 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+def _fill(path: Path) -> None:
+    """Write ``path`` until its filesystem is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
 def test_full_disk_is_one_line(tmpfs):
-    (tmpfs / "filler").write_bytes(b"\0" * 60_000)
+    _fill(tmpfs / "filler")
     big = "x" * 100_000
     with pytest.raises(OutputError, match="No space left on device"):
         atomic_write(tmpfs / "out.json", lambda tmp: Path(tmp).write_text(big), "-o")
@@ -476,7 +486,8 @@ def _env() -> dict:
 
 def test_ctrl_c_during_generate(tmp_path):
     """SIGINT while the scales run: exit 130, one line, no PNG and no temporary file."""
-    proc = subprocess.Popen([sys.executable, "-m", "toprovar.cli", *gen("-o", str(tmp_path / "a.png"))],
+    argv = gen("-o", str(tmp_path / "a.png"), "--resolution", "256")  # 13 scales: seconds, not a blink
+    proc = subprocess.Popen([sys.executable, "-m", "toprovar.cli", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     err = ""
     deadline = time.time() + 120
@@ -536,3 +547,32 @@ def test_export_workers_die_with_their_parent(tmp_path):
     pieces = sorted((out / "onnx").glob("*.onnx")) if (out / "onnx").exists() else []
     time.sleep(2)
     assert (sorted((out / "onnx").glob("*.onnx")) if (out / "onnx").exists() else []) == pieces
+
+
+def test_a_directory_given_as_an_input_file(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    refused(cli.main, gen("-o", str(tmp_path / "a.png"), "--checkpoint", str(d)), tmp_path, "--checkpoint",
+            "is a directory")
+    refused(cli.main, gen("-o", str(tmp_path / "a.png"), "--policy", "toprovar", "--calibration", str(d)), tmp_path,
+            "--calibration", "is a directory")
+    refused(cli.main, ["calibrate", "--device", "cpu", "--prompts", str(d)], tmp_path, "--prompts", "is a directory")
+    refused(export_cli.main, ["--model", "tiny", "--vae", str(d), "--out", str(tmp_path / "e"), "--no-progress"],
+            tmp_path, "--vae", "is a directory")
+    refused(cli.main, gen("-o", str(tmp_path / "a.png"), "--weights", str(d)), tmp_path, "--weights",
+            "no model.safetensors")
+
+
+def test_commands_on_a_full_disk(tmpfs):
+    """generate, calibrate and toprovar-export writing into a full filesystem: one line each, exit 2, no
+    temporary file or created directory left (bench writes through the same ``atomic_write_files``)."""
+    _fill(tmpfs / "filler")
+    cases = [(cli.main, gen("-o", str(tmpfs / "a.png"))),
+             (cli.main, ["calibrate", "--device", "cpu", "--prompt", PROMPT, "-o", str(tmpfs / "c.json")]),
+             (export_cli.main, ["--model", "tiny", "--pieces", "head_s00", "--out", str(tmpfs / "e"),
+                                "--no-progress"])]
+    for main, argv in cases:
+        rc, _, err = run(main, argv)
+        assert rc == 2 and len(err) == 1, (argv, err)
+        assert "No space left on device" in err[0] or "Errno 28" in err[0], err
+        assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"], argv

@@ -49,11 +49,11 @@ class ModelConfig:
         if not d.is_dir():
             raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py)")
         files = {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
-        if checkpoint:
-            files["model"] = str(checkpoint)
-        for k in ("vae", "text_encoder"):
+        for k in ("vae", "text_encoder") if checkpoint else ("model", "vae", "text_encoder"):
             if not Path(files[k]).is_file():
                 raise FileNotFoundError(f"--weights: {d} has no {k}.safetensors")
+        if checkpoint:
+            files["model"] = str(checkpoint)
         return files
 
     def packaged_calibration(self, weights_dir=None):

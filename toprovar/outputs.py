@@ -110,27 +110,48 @@ def atomic_write(path: str | os.PathLike, write, arg: str = "output") -> Path:
     ``path`` is checked with ``check_output_file`` (before writing and again just before the rename); an
     OSError while writing (ENOSPC, EACCES ...) becomes one ``OutputError`` line naming ``arg`` and the path.
     """
-    p = check_output_file(path, arg)
+    return atomic_write_files({path: write}, arg)[0]
+
+
+def atomic_write_files(writers: dict, arg: str = "output") -> list[Path]:
+    """``atomic_write`` of several files as one: every file is written to its temporary name first and only
+    when all are complete are they renamed into place, so a failure replaces none of them (results that
+    belong together, e.g. a benchmark's JSON and Markdown). Directories created for them are removed again
+    on failure."""
+    paths = [check_output_file(p, arg) for p in writers]
+    created: list[Path] = []
+    tmps: list[str] = []
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{arg}: cannot write {p}: {exc.strerror or exc}") from None
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        check_output_file(p, arg)  # still absent or a regular file (not swapped for a link or a device)
-        os.replace(tmp, p)
-    except OSError as exc:
-        _unlink(tmp)
-        raise OutputError(f"{arg}: cannot write {p}: {exc.strerror or exc}") from None
-    except BaseException:
-        _unlink(tmp)
+        for p in paths:
+            missing = [d for d in [p.parent, *p.parent.parents] if not os.path.lexists(d)]
+            p.parent.mkdir(parents=True, exist_ok=True)
+            created += reversed(missing)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+            os.close(fd)
+            tmps.append(tmp)
+        mode = file_mode()
+        for tmp, write in zip(tmps, writers.values()):
+            write(tmp)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for p in paths:  # still absent or regular files (not swapped for a link or a device)
+            check_output_file(p, arg)
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    except BaseException as exc:
+        for tmp in tmps:
+            _unlink(tmp)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            where = next((p for p in paths if exc.filename and str(p.parent) in str(exc.filename)), paths[0])
+            raise OutputError(f"{arg}: cannot write {where}: {exc.strerror or exc}") from None
         raise
-    return p
+    return paths
 
 
 def _unlink(path: str) -> None:
@@ -140,4 +161,4 @@ def _unlink(path: str) -> None:
         pass
 
 
-__all__ = ["OutputError", "atomic_write", "check_output_dir", "check_output_file", "file_mode", "make_dir"]
+__all__ = ["OutputError", "atomic_write", "atomic_write_files", "check_output_dir", "check_output_file", "file_mode", "make_dir"]

@@ -24,9 +24,11 @@ class CheckpointError(RuntimeError):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a flat {name: tensor} state dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: checkpoint {problem}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

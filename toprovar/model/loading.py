@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, get_config
+from ..inputs import file_problem
 from . import vae as vae_mod
 from .infinity import Infinity, build_model
 from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
@@ -43,8 +43,9 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     if files:
         checkpoint, vae = files["model"], vae or files["vae"]
     for arg, path in (("--checkpoint", checkpoint), ("--vae", vae)):  # fail before building anything
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{arg}: {path}: file not found")
+        problem = path and file_problem(path)
+        if problem:
+            raise FileNotFoundError(f"{arg}: {path}: {problem}")
     if not text_encoder:
         te = None
     elif t5:

@@ -65,9 +65,11 @@ CALIBRATION_FORMAT = "toprovar-calibration/1"
 
 def read_calibration(path: str | Path) -> dict:
     """Load and check a calibration JSON (``toprovar calibrate``); one clear error when it is not one."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--calibration: {path}: file not found")
+    problem = file_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--calibration: {path}: {problem}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

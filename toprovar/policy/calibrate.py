@@ -206,9 +206,11 @@ def calibrate(pipe, prompts: Sequence[str], config: ToProVARConfig | None = None
 # ---------------------------------------------------------------------- command line
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: {path}: file not found")
+    problem = file_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--prompts: {path}: {problem}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

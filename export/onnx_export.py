@@ -206,6 +206,9 @@ def export_piece(spec: PieceSpec, onnx_dir: str | os.PathLike, root: str | os.Pa
             raise ExportError(f"piece {spec.name}: exported ONNX fails onnx.checker ({_first_line(exc)})") from exc
         data_files = sorted({e.value for init in model.graph.initializer for e in init.external_data
                              if e.key == "location"})
+        from toprovar.outputs import check_output_file
+        for f in [*data_files, tmp.name]:  # never over a link, a directory or a device
+            check_output_file(onnx_dir / f, "--out")
         for f in data_files:  # data first, graph last: a complete .onnx implies complete data
             os.replace(tmpdir / f, onnx_dir / f)
         os.replace(tmp, onnx_dir / tmp.name)

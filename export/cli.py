@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(load_manifest(out)))
         return 0
     except (ExportError, ManifestError, EngineError, CheckpointError, ValueError, OSError) as exc:
-        from toprovar.cli import error_line
+        from toprovar.cli_args import error_line
         _error(error_line(exc))
         _remove_if_empty(out, created)
         return EXIT_INPUT

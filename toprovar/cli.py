@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import DTYPES, OneLineParser, add_generation_args, add_model_args, check_device, print_report
+from .cli_args import (DTYPES, OneLineParser, add_generation_args, add_model_args, check_device, error_line,
+                       print_report)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -74,13 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"toprovar: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
-
-def error_line(exc: BaseException) -> str:
-    """The first line of an error's message; for an OSError without one its file and strerror."""
-    text = str(exc).strip()
-    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc.args[0] if exc.args else None, str):
-        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -101,6 +101,14 @@ def prompt_text(text: str) -> str:
     return text
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of an error's message; for an OSError without one its file and strerror."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc.args[0] if exc.args else None, str):
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_device(name: str) -> str:
     """ValueError (one line) unless ``name`` is a torch device that exists on this machine."""
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,9 @@ EXIT_INPUT, EXIT_NO_TENSORRT = 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toprovar.cli_args import OneLineParser, aspect_ratio, positive_int, seed_value
     from .onnx_export import DEFAULT_OPSET, DTYPES
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=["tiny", "shapes", "infinity-2b", "infinity-8b"],
                    help="shapes loads its packaged trained weights (or --weights DIR)")
@@ -33,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors); default: random")
     g.add_argument("--t5", default=None, help="local T5 directory for the text_encoder piece (real models; "
                                               "without it the piece is skipped, noted in the manifest)")
-    g.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (no checkpoint)")
-    g.add_argument("--resolution", type=int, default=None, help="longer image side in pixels (default: the "
+    g.add_argument("--weights-seed", type=seed_value, default=0, help="seed of the random weights (no checkpoint)")
+    g.add_argument("--resolution", type=positive_int, default=None, help="longer image side in pixels (default: the "
                                                                  "model's default preset)")
-    g.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio h/w of the schedule")
+    g.add_argument("--h-div-w", type=aspect_ratio, default=1.0,
+                   help="aspect ratio h/w of the schedule, 0.333..3 (the nearest template is used)")
     g.add_argument("--calibration", default=None, help="calibration JSON (`toprovar calibrate`): policy parameters "
                                                        "of the policy_sXX pieces and the profiles' token minimum")
     g = p.add_argument_group("ONNX")
@@ -46,15 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset (>= 18; default {DEFAULT_OPSET})")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="matrix/KV dtype of the pieces (norms, AdaLN, head and sampling stay float32)")
-    g.add_argument("--batch-size", type=int, default=1, help="prompts per generation the engines are tuned for")
-    g.add_argument("--max-batch-size", type=int, default=None, help="largest batch (prompts) the engines accept "
+    g.add_argument("--keep-fp32-params", action="store_true",
+                   help="with --dtype bfloat16/float16: keep the blocks' ada_gss, ca_norm and scale_mul float32 "
+                        "(default: cast like the official load_infinity)")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="prompts per generation the engines are tuned for")
+    g.add_argument("--max-batch-size", type=positive_int, default=None, help="largest batch (prompts) the engines accept "
                                                                     "(default: max(4, --batch-size))")
     g.add_argument("--pieces", nargs="+", default=None, metavar="NAME",
                    help="export (and build engines of) only these pieces (names or patterns like 'block_*'); "
                         "the manifest lists only them")
-    g.add_argument("--jobs", type=int, default=1, help="export worker processes (each holds the model: for small "
-                                                      "models or machines with memory to spare); also the "
-                                                      "TensorRT-RTX engine build processes")
+    g.add_argument("--jobs", type=positive_int, default=1, help="export worker processes (each holds the model: for "
+                                                               "small models or machines with memory to spare); also "
+                                                               "the TensorRT-RTX engine build processes")
     g.add_argument("--skip-export", action="store_true", help="reuse OUT's pieces (verified) and only build engines")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--engines", action="store_true", help="also build TensorRT engines (--trt-flavor)")
@@ -121,6 +127,49 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without exporting (ValueError, one line naming it): the output
+    directories, the opset range, batch sizes, the schedule of --resolution / --h-div-w, the weight files,
+    the calibration (its format and its model). Called before anything is written."""
+    from toprovar.config import get_config
+    from toprovar.outputs import check_output_dir
+    from . import fae_onnx
+    from .onnx_export import max_opset, resolve_schedule
+    out = check_output_dir(args.out, "--out")
+    for arg, sub in (("--onnx-dir", args.onnx_dir), ("--engine-dir", args.engine_dir)):
+        if sub:
+            check_output_dir(sub, arg)
+            try:
+                Path(sub).resolve().relative_to(out.resolve())
+            except ValueError:
+                raise ValueError(f"{arg} {sub} must lie inside --out {out} (the manifest uses relative paths)") \
+                    from None
+    if args.skip_export:
+        return
+    top = max_opset()
+    if not fae_onnx.MIN_OPSET <= args.opset <= top:
+        raise ValueError(f"--opset: {args.opset} is outside the range this exporter writes, "
+                         f"{fae_onnx.MIN_OPSET}..{top}")
+    if args.max_batch_size is not None and args.max_batch_size < args.batch_size:
+        raise ValueError(f"--max-batch-size {args.max_batch_size} is smaller than --batch-size {args.batch_size}")
+    cfg = get_config(args.model)
+    _, schedule = resolve_schedule(cfg, args.resolution, args.h_div_w)
+    cfg.weight_files(args.weights, args.checkpoint)  # a missing --weights directory
+    from toprovar.inputs import file_problem
+    for arg, path in (("--checkpoint", args.checkpoint), ("--vae", args.vae), ("--calibration", args.calibration)):
+        problem = path and file_problem(path)
+        if problem:
+            raise ValueError(f"{arg}: {path}: {problem}")
+    if args.t5 and not (Path(args.t5) / "config.json").is_file():
+        raise ValueError(f"--t5: {args.t5} is not a T5 directory (no config.json)")
+    if args.calibration:
+        from toprovar.policy import make_policy
+        from toprovar.policy.base import check_calibration_model
+        pol = make_policy("toprovar", args.calibration)
+        check_calibration_model(pol, cfg.name)
+        pol.config.check_model(cfg.depth, len(schedule))
+
+
 def _error(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
 
@@ -133,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     from .manifest import ManifestError, load_manifest, verify
     from .onnx_export import ExportError, ExportRequest, export_model
     out = Path(args.out)
+    created = not os.path.lexists(out)
     try:
+        check_args(args)
         no_trt = None
         if args.engines:  # fail before a long export, not after it (without TensorRT: export, then say so)
             if args.trt_flavor == "rtx":
@@ -152,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             req = ExportRequest(model=args.model, out=str(out), checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                                 resolution=args.resolution, h_div_w=args.h_div_w, dtype=args.dtype, opset=args.opset,
                                 onnx_dir=args.onnx_dir, calibration=args.calibration, weights_seed=args.weights_seed, weights=args.weights,
-                                batch_size=args.batch_size,
+                                batch_size=args.batch_size, keep_fp32_params=args.keep_fp32_params,
                                 max_batch_size=args.max_batch_size or max(4, args.batch_size),
                                 only=args.pieces, jobs=args.jobs, verbose=args.verbose,
                                 progress=not args.no_progress)
@@ -178,13 +229,26 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_TENSORRT
         print(summary_table(load_manifest(out)))
         return 0
-    except (ExportError, ManifestError, EngineError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _error(msg)
+    except (ExportError, ManifestError, EngineError, CheckpointError, ValueError, OSError) as exc:
+        from toprovar.cli_args import error_line
+        _error(error_line(exc))
+        _remove_if_empty(out, created)
         return EXIT_INPUT
     except KeyboardInterrupt:
         _error("interrupted; completed pieces are in place, the manifest was not rewritten")
+        _remove_if_empty(out, created)
         return 130
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """Remove --out (and its onnx/ and engine/) when this run created it and left nothing in it."""
+    if not created:
+        return
+    for d in (out / "onnx", out / "engine", out):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

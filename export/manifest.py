@@ -149,7 +149,7 @@ class Manifest(dict):
             raise ManifestError(f"{self.path}: no piece {name!r} (has: {_short(sorted(self['pieces']))})") from None
 
     def piece_path(self, name: str) -> Path:
-        return self.root / self.piece(name)["file"]
+        return confined(self.root, self.piece(name)["file"], f"piece {name}")
 
     def engine(self, name: str) -> dict:
         try:
@@ -159,7 +159,34 @@ class Manifest(dict):
                                 f"`toprovar-export --engines`") from None
 
     def engine_path(self, name: str) -> Path:
-        return self.root / self.engine(name)["file"]
+        return confined(self.root, self.engine(name)["file"], f"engine {name}")
+
+
+def confined(root: Path, rel: str, what: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (symbolic links resolved);
+    else ManifestError: a manifest never makes the runtime open a file outside its export directory."""
+    from pathlib import PurePosixPath, PureWindowsPath
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or ".." in PurePosixPath(rel).parts \
+            or "\\" in rel or "\0" in rel:
+        raise ManifestError(f"{what}: file {rel!r} in {root / MANIFEST_NAME} is not a path inside the export "
+                            f"directory; re-run toprovar-export")
+    p = root / rel
+    try:
+        p.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ManifestError(f"{what}: {p} leads outside the export directory {root} (a symbolic link?); "
+                            f"re-run toprovar-export") from None
+    return p
+
+
+def _file_entries(data: dict):
+    """(what, relative path) of every file a manifest names: pieces, their external data, engines."""
+    for name, pc in data.get("pieces", {}).items():
+        yield f"piece {name}", pc["file"]
+        for ext in pc.get("external_data", []):
+            yield f"piece {name} (external data)", ext["file"]
+    for name, eng in data.get("engines", {}).items():
+        yield f"engine {name}", eng["file"]
 
 
 def _short(items: list[str], n: int = 6) -> str:
@@ -183,7 +210,7 @@ def file_entry(path: str | os.PathLike, root: str | os.PathLike) -> dict:
 
 
 def _check_file(root: Path, what: str, rel: str, sha: str, size: int | None) -> None:
-    p = root / rel
+    p = confined(root, rel, what)
     if not p.is_file():
         raise ManifestError(f"{what}: file {p} is missing; re-run toprovar-export")
     actual = p.stat().st_size
@@ -231,26 +258,37 @@ def dumps(data: dict) -> str:
 
 def write_manifest(data: dict, out_dir: str | os.PathLike) -> Path:
     """Validate and write ``out_dir/manifest.json`` atomically (temp name, then rename)."""
-    from toprovar.model.checkpoint import atomic_write
+    from toprovar.outputs import atomic_write
     out = Path(out_dir) / MANIFEST_NAME
     validate(data, str(out))
     text = dumps(data)
-    return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(out, lambda tmp: Path(tmp).write_text(text), "--out")
 
 
 def load_manifest(path: str | os.PathLike, validate_schema: bool = True) -> Manifest:
     """Read ``path`` (an export directory or its manifest.json) -> Manifest (schema-validated)."""
     p = Path(path)
+    if not p.exists():
+        raise ManifestError(f"{p}: no such export directory (make one with toprovar-export --out DIR)")
     if p.is_dir():
+        if not (p / MANIFEST_NAME).is_file():
+            raise ManifestError(f"{p}: no {MANIFEST_NAME} in this directory: not a toprovar-export output "
+                                f"(make one with toprovar-export --out DIR)")
         p = p / MANIFEST_NAME
-    if not p.is_file():
-        raise ManifestError(f"{p}: manifest not found; run toprovar-export --out {p.parent}")
+    elif not p.is_file():
+        raise ManifestError(f"{p}: not an export directory nor a manifest file")
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(p.read_text(), parse_constant=no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN / Infinity
         raise ManifestError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ManifestError(f"{p}: cannot read ({exc.strerror})") from None
     if validate_schema:
         validate(data, str(p))
+        for what, rel in _file_entries(data):
+            confined(p.parent, rel, what)
     return Manifest(data, p.parent)
 
 
@@ -332,9 +370,9 @@ def check_engine(manifest: Manifest, name: str, tensorrt_version: str, gpu: str 
     _check_engine_source(manifest, name, eng)
     if hash_file:
         _check_file(manifest.root, f"engine {name}", eng["file"], eng["sha256"], eng.get("bytes"))
-    return manifest.root / eng["file"]
+    return confined(manifest.root, eng["file"], f"engine {name}")
 
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "SCHEMA", "Manifest", "ManifestError", "check_engine", "check_engine_target",
-           "engine_flavour", "file_entry",
+           "confined", "engine_flavour", "file_entry",
            "load_manifest", "sha256_file", "validate", "verify", "write_manifest"]

@@ -206,6 +206,9 @@ def export_piece(spec: PieceSpec, onnx_dir: str | os.PathLike, root: str | os.Pa
             raise ExportError(f"piece {spec.name}: exported ONNX fails onnx.checker ({_first_line(exc)})") from exc
         data_files = sorted({e.value for init in model.graph.initializer for e in init.external_data
                              if e.key == "location"})
+        from toprovar.outputs import check_output_file
+        for f in [*data_files, tmp.name]:  # never over a link, a directory or a device
+            check_output_file(onnx_dir / f, "--out")
         for f in data_files:  # data first, graph last: a complete .onnx implies complete data
             os.replace(tmpdir / f, onnx_dir / f)
         os.replace(tmp, onnx_dir / tmp.name)
@@ -213,13 +216,28 @@ def export_piece(spec: PieceSpec, onnx_dir: str | os.PathLike, root: str | os.Pa
         shutil.rmtree(tmpdir, ignore_errors=True)
     final = onnx_dir / f"{spec.name}.onnx"
     entry = {**file_entry(final, root), "inputs": _tensor_info(model.graph.input),
-             "outputs": _tensor_info(model.graph.output), "opset": opset,
+             "outputs": _tensor_info(model.graph.output), "opset": written_opset(model),
              "external_data": [file_entry(onnx_dir / f, root) for f in data_files],
              "scale": spec.scale, "layer": spec.layer, "module": spec.module_name, "custom_ops": spec.custom_ops}
     if spec.profiles:
         entry["profiles"] = [{k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in p.items()}
                              for p in spec.profiles]
     return entry
+
+
+def max_opset() -> int:
+    """The highest default-domain opset both torch.onnx's exporter and the installed onnx support."""
+    import onnx
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # pragma: no cover - other torch versions
+        ONNX_MAX_OPSET = DEFAULT_OPSET
+    return min(int(ONNX_MAX_OPSET), onnx.defs.onnx_opset_version())
+
+
+def written_opset(model) -> int:
+    """The default-domain opset an ONNX model imports (what was actually written)."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def load_onnx_checked(path: str | os.PathLike, full_check: bool = False):
@@ -277,6 +295,7 @@ class ExportRequest:
     weights_seed: int = 0
     weights: str | None = None      # a trained small model's weights directory (default: the packaged one)
     text_weights: str | None = None  # set from the weights directory: the tiny text encoder's trained weights
+    keep_fp32_params: bool = False  # see Infinity.to_inference_dtype
     batch_size: int = 1
     max_batch_size: int = 4
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
@@ -311,7 +330,7 @@ def load_model(req: ExportRequest, cfg):
         net = net.to_empty(device="cpu")
         net.load_checkpoint(req.checkpoint)
     if DTYPES[req.dtype] != torch.float32:
-        net.to_inference_dtype(DTYPES[req.dtype])
+        net.to_inference_dtype(DTYPES[req.dtype], req.keep_fp32_params)
     return net.eval().requires_grad_(False)
 
 
@@ -396,6 +415,7 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         raise ExportError(f"--max-batch-size {req.max_batch_size} is smaller than --batch-size {req.batch_size}")
     cfg = get_config(req.model)
     files = cfg.weight_files(req.weights, req.checkpoint)
+    model_from_dir = bool(files) and not req.checkpoint
     if files:  # a trained small model: its directory supplies all three weight files
         req = dataclasses.replace(req, checkpoint=files["model"], vae=req.vae or files["vae"],
                                   text_weights=files["text_encoder"])
@@ -419,6 +439,9 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         notes.append("vae_decoder: not exported (toprovar.model.vae is not available in this build)")
     if pol is None:
         notes.append("policy_sXX: not exported (toprovar.policy.toprovar is not available in this build)")
+    random_parts = [name for name, given in (("transformer", req.checkpoint), ("VAE", req.vae),
+                                             ("text encoder", enc is None or req.t5 or req.text_weights))
+                    if not given]
     gh, gw = rope_grid_side(req.h_div_w)
     header = {
         "format": FORMAT,
@@ -427,8 +450,13 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         "spec": {"depth": cfg.depth, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "width": cfg.width,
                  "token_bits": cfg.token_bits, "codebook_dim": cfg.codebook_dim,
                  "spatial_patchify": cfg.spatial_patchify},
-        "random_weights": not req.checkpoint,
+        "random_weights": bool(random_parts),
+        "random_parts": random_parts,
         "checkpoint": None if not req.checkpoint else {"file": Path(req.checkpoint).name},
+        # a trained small model's weights directory (dir None: the packaged one); model_from_dir: the
+        # transformer too (no separate --checkpoint), so `--backend torch` can rebuild it without flags
+        "weights": None if not files else {"dir": str(Path(req.weights).resolve()) if req.weights else None,
+                                           "model_from_dir": model_from_dir},
         "schedule": [list(s) for s in schedule],
         "preset": preset,
         "h_div_w": float(req.h_div_w),
@@ -436,6 +464,7 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         "rope_grid": [gh, gw],
         "latent": list(P.latent_grid(cfg, schedule)),
         "dtype": req.dtype,
+        "keep_fp32_params": req.keep_fp32_params,
         "batch": {"opt": req.batch_size, "max": req.max_batch_size},
         "min_tokens": list(min_tokens) if not isinstance(min_tokens, int) else [1] * len(schedule),
         "weights_seed": None if req.checkpoint else req.weights_seed,
@@ -457,7 +486,20 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
 _WORKER: dict = {}
 
 
-def _worker_init(req: ExportRequest, threads: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so export workers
+    never outlive a killed ``toprovar-export``; exits at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
+def _worker_init(req: ExportRequest, threads: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     _, specs = build_specs(req)
     _WORKER["specs"] = {sp.name: sp for sp in specs}
@@ -474,9 +516,9 @@ def _worker_export(name: str, onnx_dir: str, out: str) -> tuple[str, dict]:
 
 def export_model(req: ExportRequest, on_piece: Callable[[str, dict], None] | None = None) -> dict:
     """Export every piece of ``req`` and write OUT/manifest.json; returns the manifest dict."""
-    out = Path(req.out)
+    from toprovar.outputs import check_output_dir, make_dir
+    out = check_output_dir(req.out, "--out")
     onnx_dir = Path(req.onnx_dir) if req.onnx_dir else out / "onnx"
-    out.mkdir(parents=True, exist_ok=True)
     try:
         onnx_dir.resolve().relative_to(out.resolve())
     except ValueError:
@@ -485,6 +527,7 @@ def export_model(req: ExportRequest, on_piece: Callable[[str, dict], None] | Non
     header, specs = build_specs(req)
     if not specs:
         raise ExportError(f"--pieces: no piece matches {req.only}")
+    make_dir(out, "--out")
     from tqdm.auto import tqdm
     bar = tqdm(total=len(specs), desc="export", unit="piece", disable=not req.progress, file=sys.stderr)
     entries: dict[str, dict] = {}
@@ -510,7 +553,7 @@ def export_model(req: ExportRequest, on_piece: Callable[[str, dict], None] | Non
         del specs
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(dataclasses.replace(req, progress=False), threads)) as pool:
+                                 initargs=(dataclasses.replace(req, progress=False), threads, os.getpid())) as pool:
             futs = [pool.submit(_worker_export, n, str(onnx_dir), str(out)) for n in names]
             try:
                 for fut in as_completed(futs):
@@ -524,12 +567,30 @@ def export_model(req: ExportRequest, on_piece: Callable[[str, dict], None] | Non
     bar.close()
     for entry in entries.values():
         entry.pop("export_s", None)
+    opsets = sorted({e["opset"] for e in entries.values()})
+    header["exporter"]["opset"] = opsets[-1] if opsets else req.opset  # what was written
+    if opsets != [req.opset]:
+        header["notes"].append(f"--opset {req.opset} requested; the exporter wrote opset {', '.join(map(str, opsets))}")
     if req.only:
         header = _merge_existing(header, entries, out)
     else:
         header["pieces"] = entries
     write_manifest(header, out)
+    if not req.only:
+        remove_stale_pieces(header, out, onnx_dir)
     return header
+
+
+def remove_stale_pieces(manifest: dict, out: Path, onnx_dir: Path) -> list[Path]:
+    """Delete ``*.onnx`` / ``*.onnx.data`` files of ``onnx_dir`` that the manifest does not list (pieces of an
+    earlier export with other settings); returns them."""
+    listed = {(out / pc["file"]).resolve() for pc in manifest["pieces"].values()}
+    listed |= {(out / e["file"]).resolve() for pc in manifest["pieces"].values() for e in pc["external_data"]}
+    stale = [f for f in sorted(onnx_dir.iterdir()) if f.is_file() and not f.is_symlink()
+             and f.name.endswith((".onnx", ".onnx.data")) and f.resolve() not in listed]
+    for f in stale:
+        f.unlink()
+    return stale
 
 
 def _merge_existing(header: dict, entries: dict, out: Path) -> dict:

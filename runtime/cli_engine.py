@@ -18,7 +18,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="trt: TensorRT engines (CUDA); onnxruntime: the ONNX pieces (CPU, or CUDA with "
                         "onnxruntime-gpu); torch: the PyTorch modules (default)")
     g.add_argument("--plugin", default=None, metavar="LIB",
-                   help="TensorRT FAE plugin library (default: $TOPROVAR_TRT_PLUGIN, the export's plugins/, "
+                   help="TensorRT FAE plugin library (default: $TOPROVAR_FAE_PLUGIN, the export's plugins/, "
                         "build/native/)")
     g.add_argument("--cuda-graph", action="store_true", help="TensorRT: capture CUDA graphs of unpruned calls")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of pieces and engines")
@@ -36,7 +36,12 @@ def cmd_generate_engine(args: argparse.Namespace) -> int:
     backend = check_backend(args.backend)
     if not args.engine_dir:
         raise EngineDirError(f"--backend {backend} needs --engine-dir DIR (a toprovar-export output directory)")
-    policy = make_policy(args.policy, args.calibration)
+    from toprovar.export.manifest import load_manifest
+    from toprovar.policy.base import check_calibration_model
+    manifest = load_manifest(args.engine_dir)
+    calibration = args.calibration or packaged_calibration(manifest)
+    policy = make_policy(args.policy, str(calibration) if calibration else None)
+    check_calibration_model(policy, manifest["model"].get("name", ""))
     t0 = time.perf_counter()
     rt = EngineRuntime.open(args.engine_dir, backend, args.device, verify=not args.no_verify, plugin=args.plugin,
                             cuda_graph=args.cuda_graph, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5)
@@ -61,6 +66,20 @@ def cmd_generate_engine(args: argparse.Namespace) -> int:
             pass
     save_images(res.images, args.output)
     return 0
+
+
+def packaged_calibration(manifest):
+    """The calibration the pipeline path uses for the export's weights: the packaged (or --weights) directory's
+    calibration.json when the export was made from such a directory, else None."""
+    from toprovar.config import get_config
+    weights = manifest.get("weights")
+    if not isinstance(weights, dict):
+        return None
+    try:
+        cfg = get_config(manifest["model"].get("name", ""))
+    except ValueError:
+        return None
+    return cfg.packaged_calibration(weights.get("dir"))
 
 
 __all__ = ["add_engine_args", "cmd_generate_engine", "wants_engine_dir"]

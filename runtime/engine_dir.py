@@ -28,6 +28,7 @@ from toprovar.config import ModelConfig, get_config
 from toprovar.model.rope import rope_tables
 from toprovar.model.text import ByteTokenizer, tokenize_batch
 from toprovar.policy.base import Policy
+from toprovar.sampling import check_sampling
 from toprovar.schedule import ScheduleError, nearest_ratio
 from .orchestrator import GenerationResult, ModelSpec, Orchestrator
 
@@ -140,7 +141,8 @@ class EngineRuntime:
             return None  # generate_from_features only; generate() says what to pass
         kind = info.get("kind", cfg.text_encoder)
         if kind == "tiny" or cfg.text_encoder == "tiny":
-            return PieceTextEncoder(be, ByteTokenizer(), max_length, "tiny (random)")
+            random = str(info.get("source", "random")).startswith("random")
+            return PieceTextEncoder(be, ByteTokenizer(), max_length, "tiny (random)" if random else "tiny (trained)")
         src = Path(t5 or info.get("source") or "")
         if not (src / "config.json").is_file() and not any(src.glob("tokenizer*")):
             raise EngineDirError(f"--t5: the tokenizer of this export's text encoder ({src or 'unknown'}) is not "
@@ -154,7 +156,8 @@ class EngineRuntime:
         from toprovar.model.loading import load_parts
         from .torch_backend import TorchBackend
         ck = manifest.get("checkpoint")
-        if ck and not checkpoint:
+        weights = manifest.get("weights") if isinstance(manifest.get("weights"), dict) else None
+        if ck and not checkpoint and not (weights and weights.get("model_from_dir")):
             raise EngineDirError(f"--backend torch: this export was made from checkpoint {ck.get('file')!r}; "
                                  f"pass --checkpoint PATH (and --vae, --t5)")
         try:
@@ -168,6 +171,8 @@ class EngineRuntime:
         # built on the CPU as toprovar-export builds it (random weights drawn on a CUDA device differ from
         # the CPU draw of the same seed), then moved
         parts = load_parts(cfg.name, checkpoint=checkpoint, vae=vae, t5=t5 or None, device="cpu",
+                           weights=weights.get("dir") if weights else None,
+                           keep_fp32_params=bool(manifest.get("keep_fp32_params")),
                            dtype={"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16}[manifest["dtype"]],
                            seed=weights_seed(manifest) or 0,
@@ -226,11 +231,13 @@ class EngineRuntime:
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
         c = self.cfg
+        cfg = c.default_cfg if cfg is None else cfg
+        tau = c.default_tau if tau is None else tau
+        top_p = c.top_p if top_p is None else top_p
+        check_sampling(cfg, tau, top_p, len(self.schedule))
         with self._stream_ctx():
-            res = self.orchestrator.generate(
-                text, lengths, seed=seed, cfg=c.default_cfg if cfg is None else cfg,
-                tau=c.default_tau if tau is None else tau, top_p=c.top_p if top_p is None else top_p,
-                policy=policy, profile=profile, progress=progress)
+            res = self.orchestrator.generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p,
+                                             policy=policy, profile=profile, progress=progress)
         if self.stream is not None:
             torch.cuda.current_stream(self.backend.device).wait_stream(self.stream)
         return res

@@ -343,7 +343,7 @@ def test_manifest_hash_mismatch_and_schema_errors(tmp_path, exported):
     mp.write_text("{ truncated")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(out)
-    with pytest.raises(ManifestError, match="manifest not found"):
+    with pytest.raises(ManifestError, match="no such export directory"):
         load_manifest(tmp_path / "nowhere")
 
 

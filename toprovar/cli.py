@@ -5,25 +5,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import DTYPES, add_generation_args, add_model_args, print_report
+from .cli_args import (DTYPES, OneLineParser, add_generation_args, add_model_args, check_device, error_line,
+                       print_report)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .images import output_paths, save_images
     from .runtime.cli_engine import cmd_generate_engine, wants_engine_dir
+    check_device(args.device)
+    output_paths(args.output, len(args.prompt))  # refused before any work
     if wants_engine_dir(args):  # --engine-dir DIR --backend {trt,onnxruntime,torch}
         return cmd_generate_engine(args)
-    from .images import save_images
-    from .pipeline import Pipeline
-    from .policy import make_policy
     from .config import get_config
-    calibration = args.calibration or get_config(args.model).packaged_calibration(args.weights)
+    from .pipeline import Pipeline, resolve_schedule
+    from .policy import make_policy
+    from .policy.base import check_calibration_model
+    from .sampling import check_sampling
+    model_cfg = get_config(args.model)
+    schedule = resolve_schedule(model_cfg, args.resolution, args.h_div_w)
+    check_sampling(model_cfg.default_cfg if args.cfg is None else args.cfg,
+                   model_cfg.default_tau if args.tau is None else args.tau,
+                   model_cfg.top_p if args.top_p is None else args.top_p, len(schedule))
+    calibration = args.calibration or model_cfg.packaged_calibration(args.weights)
     policy = make_policy(args.policy, str(calibration) if calibration else None)
+    check_calibration_model(policy, model_cfg.name)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
-                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
+                         device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
+                         keep_fp32_params=args.keep_fp32_params)
     pipe.compile = args.compile
     if pipe.random_weights:
-        print(f"note: model '{args.model}' has RANDOM weights (no --checkpoint given): the image is noise-like "
-              "and shows the pipeline, not a trained model", file=sys.stderr)
+        print(f"note: model '{args.model}' has RANDOM weights ({', '.join(pipe.random_parts)}): the image is "
+              "noise-like and shows the pipeline, not a trained model", file=sys.stderr)
     res = pipe.generate(args.prompt, seed=args.seed, resolution=args.resolution, h_div_w=args.h_div_w,
                         cfg=args.cfg, tau=args.tau, top_p=args.top_p, policy=policy, profile=args.profile)
     print_report(res, args.profile)
@@ -35,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="toprovar", description=__doc__)
+    parser = OneLineParser(prog="toprovar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from text")
     add_model_args(g)
@@ -56,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"toprovar: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("toprovar: interrupted; no output was written (nor a partial one)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"toprovar: error: {error_line(exc)}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

@@ -38,16 +38,23 @@ class ModelConfig:
         return Path(__file__).parent / "weights" / self.weights if self.weights else None
 
     def weight_files(self, weights_dir=None, checkpoint=None) -> dict | None:
-        """Files of a trained small model's weights directory (``weights_dir``, else the packaged one unless a
-        ``checkpoint`` is given): {"model", "vae", "text_encoder"} paths, or None when there is none to use.
-        A missing directory is a FileNotFoundError naming it."""
+        """Files of a trained small model's weights directory (``weights_dir``, else the packaged one):
+        {"model", "vae", "text_encoder"} paths, ``model`` replaced by ``checkpoint`` when one is given (the
+        VAE and text encoder still come from the directory); None for a model without packaged weights and
+        no ``weights_dir``. A missing directory or file is a FileNotFoundError naming it."""
         from pathlib import Path
-        d = Path(weights_dir) if weights_dir else (self.weights_dir if checkpoint is None else None)
+        d = Path(weights_dir) if weights_dir else self.weights_dir
         if d is None:
             return None
         if not d.is_dir():
             raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py)")
-        return {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
+        files = {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
+        for k in ("vae", "text_encoder") if checkpoint else ("model", "vae", "text_encoder"):
+            if not Path(files[k]).is_file():
+                raise FileNotFoundError(f"--weights: {d} has no {k}.safetensors")
+        if checkpoint:
+            files["model"] = str(checkpoint)
+        return files
 
     def packaged_calibration(self, weights_dir=None):
         """``calibration.json`` of the weights directory (given, else packaged) when it exists: the model's
@@ -74,6 +81,10 @@ class ModelConfig:
         return self.text_channels // (64 if self.width > 4096 else 128)
 
     def validate(self) -> "ModelConfig":
+        for key in ("depth", "width", "num_heads", "text_channels", "codebook_dim", "text_maxlen", "block_chunks"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"config {self.name}: {key} must be a positive integer, got {v!r}")
         if self.width % self.num_heads:
             raise ValueError(f"config {self.name}: width {self.width} not divisible by num_heads {self.num_heads}")
         if self.depth % self.block_chunks:
@@ -88,12 +99,15 @@ class ModelConfig:
         return dataclasses.replace(self, **kw).validate()
 
 
+# Sampling defaults of the real models as the official notebooks have them (tools/interactive_infer.ipynb:
+# cfg 3, tau 0.5; tools/interactive_infer_8b.ipynb: cfg 3, tau 1.0; both top_p 0.97, 1M); the oracle checks them.
 CONFIGS: dict[str, ModelConfig] = {
     "infinity-2b": ModelConfig("infinity-2b", depth=32, width=2048, num_heads=16, text_channels=2048,
-                               codebook_dim=32, vae="infinity-2b", text_encoder="flan-t5-xl").validate(),
+                               codebook_dim=32, vae="infinity-2b", text_encoder="flan-t5-xl",
+                               default_cfg=3.0, default_tau=0.5).validate(),
     "infinity-8b": ModelConfig("infinity-8b", depth=40, width=3584, num_heads=28, text_channels=2048,
                                codebook_dim=14, spatial_patchify=True, vae="infinity-8b",
-                               text_encoder="flan-t5-xl").validate(),
+                               text_encoder="flan-t5-xl", default_cfg=3.0, default_tau=1.0).validate(),
     "tiny": ModelConfig("tiny", depth=4, width=128, num_heads=2, text_channels=128, codebook_dim=16,
                         vae="tiny", text_encoder="tiny", text_maxlen=64, block_chunks=2,
                         default_preset="0.06M", default_cfg=3.0, default_tau=1.0).validate(),

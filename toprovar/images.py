@@ -13,20 +13,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write one (H, W, 3) uint8 image as PNG (atomically)."""
+def save_png(image: np.ndarray, path: str | Path, arg: str = "-o") -> Path:
+    """Write one (H, W, 3) uint8 image as PNG (atomically; never over a non-regular file)."""
     from PIL import Image
-    from .model.checkpoint import atomic_write
-    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    from .outputs import atomic_write
+    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), arg)
 
 
-def save_images(images: torch.Tensor, output: str | Path) -> list[Path]:
+def output_paths(output: str | Path, n: int, arg: str = "-o") -> list[Path]:
+    """The PNG paths of ``n`` images at ``output`` (``_i`` appended when n > 1), each checked as an output file
+    (``toprovar.outputs.check_output_file``): call before generating."""
+    from .outputs import check_output_file
+    check_output_file(output, arg)
+    out = Path(output)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+    return [check_output_file(p, arg) for p in paths]
+
+
+def save_images(images: torch.Tensor, output: str | Path, arg: str = "-o") -> list[Path]:
     """Save (B, 3, H, W) images in [-1, 1] as PNG at ``output`` (``_i`` appended when B > 1); prints paths."""
     paths = []
-    for i, img in enumerate(to_uint8(images)):
-        out = Path(output)
-        if images.shape[0] > 1:
-            out = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        paths.append(save_png(img, out))
+    for img, out in zip(to_uint8(images), output_paths(output, images.shape[0], arg)):
+        paths.append(save_png(img, out, arg))
         print(paths[-1])
     return paths

@@ -17,6 +17,7 @@ from .model.text import TextEncoder
 from .policy.base import Policy
 from .runtime.orchestrator import GenerationResult, ModelSpec, Orchestrator
 from .runtime.torch_backend import TorchBackend
+from .sampling import check_sampling
 from .schedule import get_schedule, preset_for_resolution, rope_grid_side
 
 
@@ -44,7 +45,7 @@ class Pipeline:
     model: Infinity
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
-    random_weights: bool
+    random_parts: list[str]  # parts with random (seeded) weights (see ``ModelParts``)
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the blocks and the decoder (see TorchBackend)
     _orchestrators: dict = field(default_factory=dict, repr=False)
@@ -52,9 +53,13 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = "tiny", **kw) -> "Pipeline":
         """A pipeline over ``load_parts(model, **kw)`` (checkpoint, vae, t5, device, dtype, seed, text_encoder,
-        weights; random seeded weights where none are given)."""
+        weights, keep_fp32_params; random seeded weights where none are given)."""
         p = load_parts(model, **kw)
-        return cls(p.cfg, p.model, p.decoder, p.text_encoder, p.random_weights)
+        return cls(p.cfg, p.model, p.decoder, p.text_encoder, p.random_parts)
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.random_parts)
 
     def orchestrator(self, schedule: list[tuple[int, int]]) -> Orchestrator:
         """The orchestrator of a schedule, kept so its buffers (and CUDA graphs) serve later calls."""
@@ -92,10 +97,12 @@ class Pipeline:
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
         schedule = resolve_schedule(self.cfg, resolution, h_div_w)
-        return self.orchestrator(schedule).generate(
-            text, lengths, seed=seed, cfg=self.cfg.default_cfg if cfg is None else cfg,
-            tau=self.cfg.default_tau if tau is None else tau, top_p=self.cfg.top_p if top_p is None else top_p,
-            policy=policy, profile=profile, progress=progress)
+        cfg = self.cfg.default_cfg if cfg is None else cfg
+        tau = self.cfg.default_tau if tau is None else tau
+        top_p = self.cfg.top_p if top_p is None else top_p
+        check_sampling(cfg, tau, top_p, len(schedule))
+        return self.orchestrator(schedule).generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p,
+                                                    policy=policy, profile=profile, progress=progress)
 
 
 def generate(prompts: Sequence[str] | str, model: str = "tiny", seed: int = 0, **kw) -> np.ndarray:

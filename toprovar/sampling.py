@@ -8,6 +8,9 @@ torch.multinomial, whose CPU and CUDA streams differ anyway).
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 
 
@@ -33,3 +36,18 @@ def sample_bits(logits: torch.Tensor, uniform: torch.Tensor, cfg: torch.Tensor |
     p_small = torch.minimum(p1, 1 - p1)
     p1 = torch.where((p_small <= 1 - top_p) & (top_p > 0), greedy, p1)
     return (uniform < p1).float()
+
+
+def check_sampling(cfg: float | Sequence[float], tau: float | Sequence[float], top_p: float, n_scales: int) -> None:
+    """ValueError (one line naming the argument) unless every cfg is finite and >= 0, every tau finite and > 0,
+    top_p in [0, 1], and a per-scale list has exactly ``n_scales`` values."""
+    for name, value, ok, want in (("cfg", cfg, lambda v: v >= 0, ">= 0"), ("tau", tau, lambda v: v > 0, "> 0")):
+        vals = [value] if isinstance(value, (int, float)) else list(value)
+        if len(vals) != 1 and len(vals) != n_scales:
+            raise ValueError(f"--{name}: {len(vals)} values given for {n_scales} scales (give one value or "
+                             f"exactly {n_scales})")
+        bad = [v for v in vals if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v))]
+        if bad:
+            raise ValueError(f"--{name}: {bad[0]} is not a finite number {want}")
+    if not (isinstance(top_p, (int, float)) and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"--top-p: {top_p} is outside [0, 1] (0 turns top-p off)")

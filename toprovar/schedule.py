@@ -55,7 +55,7 @@ def preset_for_resolution(resolution: int, vae_stride: int, h_div_w: float = 1.0
         if max(h, w) * vae_stride == resolution:
             return name
     valid = sorted(max(sides[n - 1]) * vae_stride for n in PRESET_SCALES.values())
-    raise ScheduleError(f"resolution: {resolution} is not in the schedule; valid for this model: {valid}")
+    raise ScheduleError(f"--resolution: {resolution} is not in the schedule; valid for this model: {valid}")
 
 
 def token_counts(schedule: list[tuple[int, int]]) -> list[int]:

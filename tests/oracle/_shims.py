@@ -233,3 +233,63 @@ def float32_cross_attention():
     mode = _NoBF16Cast()
     with mode:
         yield mode
+
+
+# --------------------------------------------------------------------------- float64 reference
+class _KeepFloat64(TorchFunctionMode):
+    """Turns every cast of a float64 tensor to a lower float dtype (``.float()``, ``.to(float32/bf16/fp16)``,
+    ``.type_as(lower)``) into a no-op, so a model whose parameters and inputs are float64 computes in float64
+    from end to end although its code casts to float32 (AdaLN, norms, head, RoPE, the official flash-attn
+    bf16 cast): the reference that float32 and bf16 runs are measured against."""
+
+    LOWER = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if src is not None and src.dtype == torch.float64:
+            if func in (torch.Tensor.float, torch.Tensor.bfloat16, torch.Tensor.half):
+                return src
+            if func is torch.Tensor.to:
+                dtype = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), None))
+                if dtype is None:
+                    other = next((a for a in args[1:] if isinstance(a, torch.Tensor)), None)
+                    dtype = other.dtype if other is not None else None
+                if dtype in self.LOWER:
+                    rest = {k: v for k, v in kwargs.items() if k != "dtype"}
+                    return src.to(rest["device"]) if "device" in rest else src
+            if func is torch.Tensor.type_as and args[1].dtype in self.LOWER:
+                return src
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64_everywhere():
+    """Run a float64 model without its casts to lower precision (see ``_KeepFloat64``)."""
+    with _KeepFloat64() as mode:
+        yield mode
+
+
+# --------------------------------------------------------------------------- bf16 autocast as on CUDA
+class _Float32Policy(TorchFunctionMode):
+    """Under CPU autocast, runs the ops that CUDA autocast runs in float32 (its "fp32" list: layer_norm,
+    normalize's norm, exp, softmax, ...) in float32, with every floating argument upcast as CUDA autocast does:
+    the official ``load_infinity(bf16=True)`` model (blocks cast to bfloat16) computes on the CPU as on a GPU."""
+
+    OPS = {F.layer_norm, torch.layer_norm, F.normalize, torch.Tensor.exp, torch.exp, F.softmax, torch.softmax,
+           torch.Tensor.softmax, F.log_softmax, torch.Tensor.log_softmax}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
+            with torch.autocast("cpu", enabled=False):
+                return func(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_like_bf16_autocast():
+    """``torch.autocast`` bf16 on the CPU with CUDA autocast's float32 policy (see ``_Float32Policy``)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Float32Policy():
+        yield

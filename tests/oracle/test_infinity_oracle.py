@@ -33,7 +33,20 @@ sampling differs between CPU and CUDA, so bits are teacher-forced, not sampled):
   lvl_embed), the logits of both CFG halves at every scale, and the final summed codes.
 * ``test_bit_sampling_semantics``: the official top-k/top-p bit sampler's distribution vs ``sample_bits``
   (top_p = 0 means "no top-p" in both).
-Cases: three tiny configs (incl. the 8B-style spatial patchify) and square/wide/tall schedules.
+Cases: three tiny configs (incl. the 8B-style spatial patchify) and square/wide/tall schedules, at 0.06M and at
+0.25M (h/w 3, 1/3, 1.5: the 54x18 scale whose RoPE positions round differently in float64 than in the official
+float32). Every preset and ratio of the schedule:
+
+* ``test_schedule_table_matches_official``: our schedule table is the official ``dynamic_resolution_h_w``;
+* ``test_rope_tables_every_preset_and_ratio``: RoPE cos/sin tables bit for bit (60 schedules, head dim 64, 128).
+
+bf16 (``test_bf16_inference_follows_official_casting``): the official ``load_infinity(bf16=True)`` model (blocks
+``.bfloat16()``, run under CPU bf16 autocast with CUDA autocast's float32 policy, ``_shims.cuda_like_bf16_autocast``)
+vs our ``to_inference_dtype(bfloat16)``, both measured against the official model run in float64
+(``_shims.float64_everywhere``): max |ours - official| <= 2% of max |logits| (measured ~1%), and our error to
+float64 <= 1.5x the official's (measured 0.9-1.1x); ``keep_fp32_params`` measured alongside.
+Defaults (``test_sampling_defaults_are_the_official_notebooks``): cfg/tau of infinity-2b/-8b from the official
+notebooks, top_p from ``gen_one_img``.
 
 Known differences of the official code that the oracle neutralises (documented, not hidden):
 * its ``CrossAttention`` casts float32 q/kv to bfloat16 for flash-attn (no float32 kernel), so even the
@@ -77,9 +90,13 @@ CONFIGS = {
     "w128_h2_t128_d4_patchify": dict(width=128, num_heads=2, text_channels=128, codebook_dim=4,
                                      spatial_patchify=True),
 }
-# (config, h/w ratio) cases: square, wide (h < w) and tall schedules give different RoPE grid positions.
-CASES = [("w128_h2_t256_d16", 1.0), ("w128_h2_t256_d16", 0.5), ("w128_h2_t256_d16", 3.0),
-         ("w256_h4_t128_d8", 1.0), ("w128_h2_t128_d4_patchify", 1.0), ("w128_h2_t128_d4_patchify", 0.5)]
+# (config, h/w ratio, preset) cases: square, wide (h < w) and tall schedules give different RoPE grid positions;
+# the 0.25M cases at h/w 3 and 1/3 reach the 54x18 scale whose positions need float32 rounding (see rope.py).
+CASES = [("w128_h2_t256_d16", 1.0, "0.06M"), ("w128_h2_t256_d16", 0.5, "0.06M"), ("w128_h2_t256_d16", 3.0, "0.06M"),
+         ("w256_h4_t128_d8", 1.0, "0.06M"), ("w128_h2_t128_d4_patchify", 1.0, "0.06M"),
+         ("w128_h2_t128_d4_patchify", 0.5, "0.06M"), ("w128_h2_t256_d16", 3.0, "0.25M"),
+         ("w128_h2_t256_d16", 0.333, "0.25M"), ("w128_h2_t128_d4_patchify", 1.5, "0.25M")]
+GEN_CASES = CASES[:6] + [("w128_h2_t256_d16", 3.0, "0.25M")]
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -242,10 +259,10 @@ def test_state_dict_layout(official):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name,ratio", CASES)
-def test_teacher_forced_forward(official, name, ratio):
+@pytest.mark.parametrize("name,ratio,preset", CASES)
+def test_teacher_forced_forward(official, name, ratio, preset):
     cfg, off, ours, _ = build_pair(official, name)
-    sched = get_schedule("0.06M", ratio)
+    sched = get_schedule(preset, ratio)
     B, d = 2, cfg.codebook_dim
     text, lengths, varlen = make_text(cfg, [5, 11], seed=2)
     bits = make_bits(sched, B, cfg.token_bits, seed=3)
@@ -263,7 +280,7 @@ def test_teacher_forced_forward(official, name, ratio):
         got = ours.forward_teacher(cond, ada, ca_kv, ca_len, torch.cat(xs, 1), ropes, [h * w for h, w in sched])
     got = got.reshape(B, got.shape[1], -1)
     diff = maxdiff(got, ref)
-    report(f"teacher-forced {name} ratio={ratio}", {"logits": diff, "|logits|max": ref.abs().max().item()})
+    report(f"teacher-forced {name} ratio={ratio} {preset}", {"logits": diff, "|logits|max": ref.abs().max().item()})
     assert diff <= TOL
 
 
@@ -302,10 +319,10 @@ class _Decoder(nn.Module):
         return torch.zeros(z.shape[0], 3, *z.shape[-2:])
 
 
-@pytest.mark.parametrize("name,ratio", CASES)
-def test_cached_generation_with_cfg(official, name, ratio):
+@pytest.mark.parametrize("name,ratio,preset", GEN_CASES)
+def test_cached_generation_with_cfg(official, name, ratio, preset):
     cfg, off, ours, vae = build_pair(official, name)
-    sched = get_schedule("0.06M", ratio)
+    sched = get_schedule(preset, ratio)
     S, B, d, cfg_scale = len(sched), 2, cfg.codebook_dim, 3.0
     text, lengths, varlen = make_text(cfg, [7, 3], seed=5)
     bits = make_bits(sched, B, cfg.token_bits, seed=6)
@@ -361,7 +378,7 @@ def test_cached_generation_with_cfg(official, name, ratio):
                                    for a, b in zip(got["logits"], rec["logits"])),
         "summed codes": maxdiff(got["summed"], vae.decoded),
     }
-    report(f"cached+cfg {name} ratio={ratio}", diffs)
+    report(f"cached+cfg {name} ratio={ratio} {preset}", diffs)
     assert len(got["x0"]) == len(rec["x0"]) == S
     assert got["cond"].shape[0] == 2 * B  # CFG batch doubling with cfg_uncond
     bad = {k: v for k, v in diffs.items() if not v <= TOL}
@@ -387,3 +404,115 @@ def test_bit_sampling_semantics(official, top_p):
     assert torch.equal(ours[far], (u < p1).float()[far])
     if 0 < top_p < 1:
         assert ((p1 == 0) | (p1 == 1)).any()  # top-p actually removed classes
+
+
+# ----------------------------------------------------------------------------------------- every preset and ratio
+def test_schedule_table_matches_official(official):
+    """Our scale schedule of every aspect-ratio template and preset is the official ``dynamic_resolution_h_w``."""
+    from toprovar.schedule import PRESET_SCALES, RATIO_SIDES
+    table = official.infinity.dynamic_resolution_h_w
+    assert sorted(table) == sorted(RATIO_SIDES)
+    for ratio in RATIO_SIDES:
+        assert sorted(table[ratio]) == sorted(PRESET_SCALES)
+        for preset in PRESET_SCALES:
+            assert [(h, w) for _, h, w in table[ratio][preset]["scales"]] == get_schedule(preset, ratio)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])  # 128: Infinity-2B (2048/16) and -8B (3584/28)
+def test_rope_tables_every_preset_and_ratio(official, head_dim):
+    """Our RoPE cos/sin tables equal the official ``precompute_rope2d_freqs_grid`` (rope2d_normalized_by_hw=2,
+    as the released models) bit for bit, for every scale of every preset at every aspect-ratio template."""
+    from toprovar.schedule import PRESET_SCALES, RATIO_SIDES
+    table = official.infinity.dynamic_resolution_h_w
+    grids = official.basic.precompute_rope2d_freqs_grid(dim=head_dim, dynamic_resolution_h_w=table,
+                                                        rope2d_normalized_by_hw=2, pad_to_multiplier=1)
+    checked = 0
+    for ratio in RATIO_SIDES:
+        for preset in PRESET_SCALES:
+            sched = get_schedule(preset, ratio)
+            ours = torch.cat(rope_tables(head_dim, sched, rope_grid_side(ratio)), dim=1)  # (2, L, head_dim / 2)
+            # the official entry of a preset is the whole 1M table (its first L rows are the preset's)
+            ref = grids[str(tuple((1, h, w) for h, w in sched))][:, 0, 0, 0, :ours.shape[1]]
+            assert torch.equal(ours, ref), (ratio, preset, maxdiff(ours, ref))
+            checked += 1
+    assert checked == len(RATIO_SIDES) * len(PRESET_SCALES) == 60
+
+
+# ----------------------------------------------------------------------------------------- bf16 inference
+BF16_REL_TOL = 0.02   # max |ours - official| over max |logits|, both in bf16 (measured ~1.1%)
+BF16_ERR_RATIO = 1.5  # our bf16 error vs the float64 reference, at most this times the official's (measured ~1.1x)
+
+
+def _teacher_logits(model, cfg, sched, text, lengths, toks, dtype=torch.float32) -> torch.Tensor:
+    """Our teacher-forced logits (B, L, 2 * token_bits) as float64; dtype float64 runs under float64_everywhere."""
+    mode = _shims.float64_everywhere() if dtype == torch.float64 else contextlib.nullcontext()
+    with torch.no_grad(), mode:
+        cond, ada, ca_kv, ca_len = model.condition(text.to(dtype), lengths, cfg=False)
+        xs = [model.first_input(cond)] + [model.embed_scale(t.to(dtype), si + 1) for si, t in enumerate(toks)]
+        ropes = [r.to(dtype) for r in rope_tables(cfg.head_dim, sched, rope_grid_side(sched[-1][0] / sched[-1][1]))]
+        got = model.forward_teacher(cond, ada, ca_kv, ca_len, torch.cat(xs, 1), ropes, [h * w for h, w in sched])
+    return got.reshape(text.shape[0], got.shape[1], -1).double()
+
+
+@pytest.mark.parametrize("name,ratio", [("w128_h2_t256_d16", 1.0), ("w128_h2_t128_d4_patchify", 0.5)])
+def test_bf16_inference_follows_official_casting(official, name, ratio):
+    """bf16 inference against the official ``load_infinity(bf16=True)`` model (blocks ``.bfloat16()``, run under
+    bf16 autocast with CUDA's float32 policy) and a float64 reference (the official model in float64):
+    our default casting stays within BF16_REL_TOL of the official bf16 logits and its error to float64 within
+    BF16_ERR_RATIO of the official's; ``keep_fp32_params`` is measured too (it is not the official model)."""
+    import copy
+    cfg, off, ours, _ = build_pair(official, name)
+    sched = get_schedule("0.06M", ratio)
+    text, lengths, (kv, lens, cu, Lmax) = make_text(cfg, [5, 11], seed=2)
+    toks = next_inputs(make_bits(sched, 2, cfg.token_bits, seed=3), sched, cfg.codebook_dim, cfg.spatial_patchify)
+    scales = [(1, h, w) for h, w in sched]
+    with torch.no_grad(), _shims.float64_everywhere():
+        ref = copy.deepcopy(off).double()((kv.double(), lens, cu, Lmax), torch.cat(toks, 1).double(), scales).double()
+    off_bf16 = copy.deepcopy(off)
+    for block in off_bf16.unregistered_blocks:  # what load_infinity(bf16=True) does
+        block.bfloat16()
+    with torch.no_grad(), _shims.cuda_like_bf16_autocast():
+        off_logits = off_bf16((kv.clone(), lens, cu, Lmax), torch.cat(toks, 1), scales).double()
+    ours_default = copy.deepcopy(ours).to_inference_dtype(torch.bfloat16)
+    b = ours_default.blocks[0]
+    assert b.ada_gss.dtype == b.ca_norm.weight.dtype == b.sa.scale_mul_1H11.dtype == torch.bfloat16
+    got = _teacher_logits(ours_default, cfg, sched, text, lengths, toks)
+    kept = _teacher_logits(copy.deepcopy(ours).to_inference_dtype(torch.bfloat16, keep_fp32_params=True), cfg,
+                           sched, text, lengths, toks)
+    ours64 = _teacher_logits(copy.deepcopy(ours).double(), cfg, sched, text, lengths, toks, torch.float64)
+    scale = ref.abs().max().item()
+    diffs = {"ours64 vs official64": maxdiff(ours64, ref), "official bf16 vs f64": maxdiff(off_logits, ref),
+             "ours bf16 vs f64": maxdiff(got, ref), "ours keep-fp32 vs f64": maxdiff(kept, ref),
+             "ours bf16 vs official bf16": maxdiff(got, off_logits), "|logits|max": scale}
+    report(f"bf16 {name} ratio={ratio}", diffs)
+    assert diffs["ours64 vs official64"] <= 1e-7 * max(1.0, scale)  # float64 arithmetic, float32 constants
+    assert diffs["ours bf16 vs official bf16"] <= BF16_REL_TOL * scale
+    assert diffs["ours bf16 vs f64"] <= BF16_ERR_RATIO * diffs["official bf16 vs f64"]
+    assert diffs["ours keep-fp32 vs f64"] <= BF16_REL_TOL * scale
+
+
+# ----------------------------------------------------------------------------------------- defaults
+def _notebook_values(path: Path) -> dict:
+    import json
+    import re
+    vals = {}
+    for cell in json.loads(path.read_text())["cells"]:
+        for line in "".join(cell["source"]).splitlines():
+            m = re.match(r"\s*(cfg|tau)\s*=\s*([0-9.]+)\s*$", line)
+            if m:
+                vals[m.group(1)] = float(m.group(2))
+    return vals
+
+
+@pytest.mark.parametrize("model,notebook", [("infinity-2b", "interactive_infer.ipynb"),
+                                            ("infinity-8b", "interactive_infer_8b.ipynb")])
+def test_sampling_defaults_are_the_official_notebooks(official, model, notebook):
+    """cfg and tau of each real model are those of its official notebook; top_p that of ``gen_one_img``."""
+    import inspect
+    repo = Path(os.environ[ENV])
+    want = _notebook_values(repo / "tools" / notebook)
+    cfg = get_config(model)
+    assert (cfg.default_cfg, cfg.default_tau) == (want["cfg"], want["tau"])
+    src = (repo / "tools" / "run_infinity.py").read_text()
+    top_p = float(inspect.cleandoc(src.split("def gen_one_img(")[1].split("top_p=")[1].split(",")[0]))
+    assert cfg.top_p == top_p and cfg.default_preset == "1M"

@@ -113,13 +113,14 @@ def write_results(name: str, payload: dict, table: list[dict], title: str, out_d
                   sections: Iterable[str] = ()) -> Path:
     """Write ``name``.json (payload incl. environment) and ``name``.md (title, environment, table, then the
     Markdown ``sections``) into ``out_dir``; returns the Markdown path."""
+    from ..outputs import atomic_write_files
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     env = payload.setdefault("environment", environment())
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = json.dumps(payload, indent=2, default=str) + "\n"
     lines = [f"# {title}", "", "Device: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     lines += markdown_table(table)
     for sec in sections:
         lines += ["", sec.rstrip("\n")]
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-    return out_dir / f"{name}.md"
+    md = "\n".join(lines) + "\n"
+    return atomic_write_files({out_dir / f"{name}.json": lambda tmp: Path(tmp).write_text(text),
+                               out_dir / f"{name}.md": lambda tmp: Path(tmp).write_text(md)}, "--out")[1]

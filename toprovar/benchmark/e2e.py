@@ -11,7 +11,8 @@ the ToProVAR variants run a pinned operating point (``operating_point``, or ``--
 Global/Detail layer classes and the Detail keep fraction are fixed, while every per-token computation (FAE
 entropy, P_keep, top-k selection, gather/scatter) still runs. Policy overhead = the median of paired differences
 between ToProVAR and a replay of the same kept-token sets with no entropy, statistics or selection (the work
-the policy adds), the two run alternately (``time_paired``, ``--overhead-runs`` pairs).
+the policy adds), the two run alternately (``time_paired``, ``--overhead-runs`` pairs). A policy that fails
+stops the run before anything is written: earlier results in ``--out`` are never replaced by partial ones.
 Latency: CUDA events on CUDA, perf_counter on the CPU. One profiled run per policy gives the per-scale and
 per-piece times (``GenerationResult.piece_ms``) written to the JSON and, for ``--breakdown`` policies,
 as Markdown tables.
@@ -138,6 +139,17 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         raise ValueError(f"--policies: unknown policy {unknown[0]!r}; choose from {sorted(POLICIES)}")
+    from ..config import get_config
+    from ..outputs import check_output_dir, check_output_file
+    from ..policy.base import check_calibration_model
+    out = check_output_dir(args.out, "--out")
+    stem = args.name or f"e2e_{args.model}"
+    for suffix in (".json", ".md"):
+        check_output_file(out / f"{stem}{suffix}", "--out")
+    model_cfg = get_config(args.model)
+    S = len(resolve_schedule(model_cfg, args.resolution, 1.0))
+    for name in names:  # a bad --calibration is refused here, before any run
+        check_calibration_model(build_policy(name, model_cfg.depth, args.calibration, S), model_cfg.name)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     pipe = Pipeline.load(args.model, device=str(device), dtype=DTYPES[dtype_name], seed=args.weights_seed,
                          text_encoder=False)
@@ -171,10 +183,9 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
             gen(Recorder(factory()), profile=True)
             rec = Recorder(factory())
             prof = gen(rec, profile=True)
-        except Exception as exc:  # recorded, not fatal: the table says why a row is missing
-            runs[name] = {"error": (str(exc).strip().splitlines() or [type(exc).__name__])[0]}
-            print(f"{name}: error: {runs[name]['error']}", file=sys.stderr, flush=True)
-            continue
+        except (RuntimeError, ValueError) as exc:  # nothing is written: earlier results in --out stay as they are
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"--policies: policy {name} failed ({first}); no results written to {out}") from None
         rep = policy_report(prof.trace, cfg)
         ms = timing["median_ms"]
         base_ms = ms if name == "none" else base_ms
@@ -200,7 +211,6 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
                      "kept (last run scale)": rep["scale_kept_fraction"][max(prof.trace.kept)],
                      "overhead %": 100 * run.get("policy_overhead_ms", 0.0) / ms})
         print(json.dumps(rows[-1]), flush=True)
-    stem = args.name or f"e2e_{args.model}"
     payload = {"model": args.model, "resolution": resolution, "dtype": dtype_name, "batch": 1,
                "cfg": 3.0, "cuda_graphs": pipe.cuda_graphs and device.type == "cuda",
                "compile": pipe.compile, "scale_graphs": pipe.cuda_graphs and device.type == "cuda",
@@ -223,9 +233,10 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``toprovar bench``: exit 0 when at least one policy ran (failed ones are recorded), else 1."""
+    """``toprovar bench``: exit 0 with every policy run and the results written; a failing policy is one error
+    line (exit 2) and nothing is written."""
     payload, rows, md = run_benchmark(args)
     print(md.read_text())
     print(md.with_suffix(".json"))
     print(md)
-    return 0 if rows else 1
+    return 0

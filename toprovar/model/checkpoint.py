@@ -8,11 +8,12 @@ Saving writes to a temporary name and renames it when complete.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
+from ..outputs import atomic_write  # noqa: F401  (the writers of weights, engines, manifests use it from here)
 
 WRAPPER_KEYS = ("gpt_fsdp", "gpt_ema_fsdp", "model", "state_dict", "module", "vae", "gpt_wo_ddp")
 
@@ -23,9 +24,11 @@ class CheckpointError(RuntimeError):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a flat {name: tensor} state dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: checkpoint {problem}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -91,22 +94,6 @@ def load_into(model: torch.nn.Module, path_or_sd: str | os.PathLike | Mapping[st
     check_state_dict(model, sd, source, ignore_prefixes)
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else sd
     model.load_state_dict(sd, strict=True)
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename tmp_path to ``path``; nothing half-written is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_state_dict(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -58,7 +58,8 @@ class SelfAttention(nn.Module):
         B, n, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias])
         q, k, v = linear(x, self.mat_qkv, bias).view(B, n, 3, self.num_heads, self.head_dim).unbind(2)
-        scale_mul = self.scale_mul_1H11.float().clamp_max(MAX_SCALE_MUL).exp().transpose(1, 2)  # (1, 1, H, 1)
+        # clamped in the parameter's dtype (a bf16 parameter clamps at bf16(ln 100), as the official cast model)
+        scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).float().exp().transpose(1, 2)  # (1, 1, H, 1)
         q = F.normalize(q.float(), dim=-1, eps=1e-12) * scale_mul
         k = F.normalize(k.float(), dim=-1, eps=1e-12)
         rope = rope.unsqueeze(-2)  # broadcast over heads

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig, get_config
+from ..inputs import file_problem
 from . import vae as vae_mod
 from .infinity import Infinity, build_model
 from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
@@ -18,33 +19,33 @@ class ModelParts:
     model: Infinity
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
-    random_weights: bool
+    random_parts: list[str]  # parts with random (seeded) weights: "transformer", "VAE", "text encoder"
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.random_parts)
 
 
 def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
                t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, text_encoder: bool = True, weights: str | None = None) -> ModelParts:
+               seed: int = 0, text_encoder: bool = True, weights: str | None = None,
+               keep_fp32_params: bool = False) -> ModelParts:
     """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
 
-    A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
-    names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
-    tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    A config with packaged weights (``shapes``) loads them, the transformer from ``checkpoint`` when given;
+    ``weights`` names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written
+    by tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    keep_fp32_params: see ``Infinity.to_inference_dtype`` (a non-float32 ``dtype`` only).
     """
     cfg = get_config(model)
     files = cfg.weight_files(weights, checkpoint)
     text_weights = files["text_encoder"] if files else None
     if files:
         checkpoint, vae = files["model"], vae or files["vae"]
-    # random weights are drawn on the CPU so a seed gives the same model on every device
-    net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
-    if checkpoint:
-        net = net.to_empty(device="cpu")
-        net.load_checkpoint(checkpoint)
-    if dtype != torch.float32:
-        net.to_inference_dtype(dtype)
-    net = net.to(device)
-    dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
-    dec = dec.to(device).eval().requires_grad_(False)
+    for arg, path in (("--checkpoint", checkpoint), ("--vae", vae)):  # fail before building anything
+        problem = path and file_problem(path)
+        if problem:
+            raise FileNotFoundError(f"{arg}: {path}: {problem}")
     if not text_encoder:
         te = None
     elif t5:
@@ -53,4 +54,16 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
         te = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed, weights=text_weights).to(device)
     else:
         raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
-    return ModelParts(cfg, net, dec, te, random_weights=not checkpoint)
+    # random weights are drawn on the CPU so a seed gives the same model on every device
+    net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
+    if checkpoint:
+        net = net.to_empty(device="cpu")
+        net.load_checkpoint(checkpoint)
+    if dtype != torch.float32:
+        net.to_inference_dtype(dtype, keep_fp32_params)
+    net = net.to(device)
+    dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
+    dec = dec.to(device).eval().requires_grad_(False)
+    random_parts = [name for name, given in (("transformer", checkpoint), ("VAE", vae),
+                                             ("text encoder", te is None or t5 or text_weights)) if not given]
+    return ModelParts(cfg, net, dec, te, random_parts)

@@ -1,6 +1,6 @@
 """2D rotary position embedding of Infinity (adjacent-pair rotation, row then column frequencies).
 
-Token (i, j) of an h x w scale sits at grid position (round(i*GH/h), round(j*GW/w)) of the GH x GW
+Token (i, j) of an h x w scale sits at grid position (round(i*GH/h), round(j*GW/w)) (float32) of the GH x GW
 grid of the 1M schedule's last scale; the first half of the rotated pairs use the row frequency, the
 second half the column frequency, theta_k = 10000^(-2k/(d/2)).
 """
@@ -17,8 +17,10 @@ def rope_angles(head_dim: int, schedule: list[tuple[int, int]], grid: tuple[int,
     gh, gw = grid
     out = []
     for h, w in schedule:
-        rows = (torch.arange(h, dtype=torch.float64) * (gh / h)).round().float()
-        cols = (torch.arange(w, dtype=torch.float64) * (gw / w)).round().float()
+        # positions i * (GH / h) rounded half to even, the product in float32 as the official code computes it:
+        # in float64 it differs where the exact value is k + 1/2 (e.g. 15 * 111/90 at the 54x18 scale of h/w 3)
+        rows = (torch.arange(h, dtype=torch.float32) * torch.tensor(gh / h, dtype=torch.float32)).round()
+        cols = (torch.arange(w, dtype=torch.float32) * torch.tensor(gw / w, dtype=torch.float32)).round()
         ang_r = torch.outer(rows, inv_freq)[:, None, :].expand(h, w, -1)
         ang_c = torch.outer(cols, inv_freq)[None, :, :].expand(h, w, -1)
         out.append(torch.cat([ang_r, ang_c], dim=-1).reshape(h * w, half))

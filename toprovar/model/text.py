@@ -81,9 +81,15 @@ def t5_text_encoder(path: str | Path, max_length: int = 512, dtype: torch.dtype 
                     device: str | torch.device = "cpu") -> TextEncoder:
     """flan-t5-xl (or any T5) from a local directory holding its config, weights and tokenizer."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--t5: {path} is not a directory (a local flan-t5-xl directory)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--t5: {path} is not a T5 directory (no config.json)")
     from transformers import AutoTokenizer, T5EncoderModel
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    enc = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype).to(device).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        enc = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype).to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"--t5: {path}: cannot load the T5 tokenizer and encoder ({first})") from None
     return TextEncoder(enc, lambda p: tok(p, add_special_tokens=True)["input_ids"], max_length, path.name)

@@ -65,9 +65,11 @@ CALIBRATION_FORMAT = "toprovar-calibration/1"
 
 def read_calibration(path: str | Path) -> dict:
     """Load and check a calibration JSON (``toprovar calibrate``); one clear error when it is not one."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--calibration: {path}: file not found")
+    problem = file_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--calibration: {path}: {problem}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -78,6 +80,15 @@ def read_calibration(path: str | Path) -> dict:
     if not isinstance(data.get("policy"), dict):
         raise ValueError(f"--calibration: {path}: no 'policy' object")
     return data
+
+
+def check_calibration_model(policy: "Policy", model: str) -> None:
+    """ValueError unless the policy's calibration (if it read one) was made for ``model`` (a calibration of
+    another model of the same depth would otherwise be accepted)."""
+    meta = getattr(policy, "calibration", None) or {}
+    made = meta.get("model")
+    if made and made != model:
+        raise ValueError(f"--calibration: {meta.get('path')}: calibrated for model {made!r}, not {model!r}")
 
 
 class Policy:

@@ -171,9 +171,9 @@ def summarise(records: list[dict], schedule: list[tuple[int, int]], depth: int, 
 
 def write_calibration(path: str | Path, data: dict) -> Path:
     """Write the calibration JSON atomically."""
-    from ..model.checkpoint import atomic_write
+    from ..outputs import atomic_write
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), "-o")
 
 
 def calibrate(pipe, prompts: Sequence[str], config: ToProVARConfig | None = None, *, seed: int = 0,
@@ -206,10 +206,16 @@ def calibrate(pipe, prompts: Sequence[str], config: ToProVARConfig | None = None
 # ---------------------------------------------------------------------- command line
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    from ..inputs import file_problem
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: {path}: file not found")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    problem = file_problem(path)
+    if problem:
+        raise FileNotFoundError(f"--prompts: {path}: {problem}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompts: {path}: not valid UTF-8 (byte {exc.start})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
 def _beta(text: str) -> float | str:
@@ -218,22 +224,18 @@ def _beta(text: str) -> float | str:
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     """The ``toprovar calibrate`` options (the model options mirror ``toprovar generate``)."""
-    from ..cli_args import add_model_args, parse_floats
+    from ..cli_args import add_model_args, add_sampling_args, positive_int, prompt_text, unit_float
     add_model_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="a calibration prompt (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], type=prompt_text,
+                   help="a calibration prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("-o", "--output", default=None, help="calibration JSON (default: calibration.json in --weights "
                    "DIR when given, else calibration/<model>.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1, help="prompts per generation")
-    p.add_argument("--cfg", type=parse_floats, default=None)
-    p.add_argument("--tau", type=parse_floats, default=None, help="SAMPLING temperature (not the threshold)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--h-div-w", type=float, default=1.0)
+    p.add_argument("--batch", type=positive_int, default=1, help="prompts per generation")
+    add_sampling_args(p, tau_help="SAMPLING temperature (> 0; not the threshold), or one per scale")
     p.add_argument("--tau-rule", choices=TAU_RULES, default="band", help="how the threshold tau is chosen")
-    p.add_argument("--tau-target", type=float, default=0.4, help="the rho band's centre (paper: 0.4)")
-    p.add_argument("--tau-band", type=float, default=0.05, help="the rho band's half width")
+    p.add_argument("--tau-target", type=unit_float, default=0.4, help="the rho band's centre (paper: 0.4)")
+    p.add_argument("--tau-band", type=unit_float, default=0.05, help="the rho band's half width")
     p.add_argument("--beta", type=_beta, default="auto", help="'auto' (median layer R = 0.5) or a number")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="other ToProVARConfig fields, e.g. --set rep_scale=6 --set 'rho_layers=[0,1]'")
@@ -254,21 +256,32 @@ def config_from_sets(sets: Sequence[str]) -> ToProVARConfig:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..cli_args import DTYPES
-    from ..pipeline import Pipeline
+    from ..cli_args import DTYPES, check_device
+    from ..config import get_config
+    from ..outputs import check_output_file
+    from ..pipeline import Pipeline, resolve_schedule
+    from ..sampling import check_sampling
+    check_device(args.device)
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise ValueError("--prompt/--prompts: give at least one calibration prompt")
     config = config_from_sets(args.set)
+    out = args.output or (f"{args.weights}/calibration.json" if args.weights else f"calibration/{args.model}.json")
+    check_output_file(out, "-o")
+    model_cfg = get_config(args.model)
+    schedule = resolve_schedule(model_cfg, args.resolution, args.h_div_w)
+    check_sampling(model_cfg.default_cfg if args.cfg is None else args.cfg,
+                   model_cfg.default_tau if args.tau is None else args.tau,
+                   model_cfg.top_p if args.top_p is None else args.top_p, len(schedule))
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5, device=args.device,
-                         dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
+                         dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
+                         keep_fp32_params=args.keep_fp32_params)
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights: the calibration shows the procedure only",
               file=sys.stderr)
     data = calibrate(pipe, prompts, config, seed=args.seed, batch=args.batch, resolution=args.resolution,
                      h_div_w=args.h_div_w, cfg=args.cfg, tau=args.tau, top_p=args.top_p, tau_rule=args.tau_rule,
                      tau_target=args.tau_target, tau_band=args.tau_band, beta=args.beta, progress=True)
-    out = args.output or (f"{args.weights}/calibration.json" if args.weights else f"calibration/{args.model}.json")
     path = write_calibration(out, data)
     pol = data["policy"]
     print(f"tau {pol['tau']:.3f} ({data['tau_rule']['rule']}), beta {pol['beta']:.4g}, D over prompts "

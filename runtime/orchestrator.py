@@ -315,10 +315,13 @@ class Orchestrator:
         if plan is not None:
             plan.finish(self.graphs.binding(st, self.ws))
         timer.start("decode")
-        with _oom_guard("in the VAE decoder", dev):
-            images = be.decode(st.summed)
-            if getattr(be, "owns_outputs", False):
-                images = images.clone()
+        with _oom_guard("in the VAE decoder", dev):  # row by row: a row's pixels do not depend on the batch
+            if B == 1:
+                images = be.decode(st.summed)
+                if getattr(be, "owns_outputs", False):
+                    images = images.clone()
+            else:
+                images = torch.cat([be.decode(st.summed[b:b + 1]).clone() for b in range(B)])
         timer.stop("decode")
         if profile:
             be.synchronize()

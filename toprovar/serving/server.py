@@ -137,6 +137,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t5", default=None)
     p.add_argument("--calibration", default=None, help="calibration JSON for the ToProVAR policies")
     p.add_argument("--compile", action="store_true", help="torch.compile the pipeline's blocks and decoder")
+    p.add_argument("--random-text-encoder", action="store_true",
+                   help="pipeline model without --t5: a random 2-layer T5 stands in for flan-t5-xl (benchmarks)")
     p.add_argument("--policy", default="none", help=f"policy of requests that name none ({', '.join(POLICY_NAMES)})")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -181,7 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {"model": {"model": args.model, "engine_dir": str(Path(args.engine_dir).resolve()) if args.engine_dir
                          else None, "backend": args.backend, "dtype": args.dtype, "resolution": args.resolution,
                          "weights_seed": args.weights_seed, "checkpoint": args.checkpoint, "vae": args.vae,
-                         "t5": args.t5, "calibration": args.calibration, "compile": args.compile},
+                         "t5": args.t5, "calibration": args.calibration, "compile": args.compile,
+                         "random_text_encoder": args.random_text_encoder},
                "default_policy": args.policy, "max_batch": args.max_batch}
     work = Path(tempfile.mkdtemp(prefix="toprovar-serve-"))
     proc = None

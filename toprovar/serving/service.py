@@ -54,7 +54,8 @@ class ImageModel:
     def __init__(self, *, model: str | None = None, engine_dir: str | None = None, backend: str = "torch",
                  device: str = "cpu", dtype: str = "float32", resolution: int | None = None,
                  weights_seed: int = 0, checkpoint: str | None = None, vae: str | None = None,
-                 t5: str | None = None, calibration: str | None = None, compile: bool = False):
+                 t5: str | None = None, calibration: str | None = None, compile: bool = False,
+                 random_text_encoder: bool = False):
         self.device, self.resolution, self.calibration = device, resolution, calibration
         if engine_dir:
             from toprovar.runtime.engine_dir import EngineRuntime
@@ -71,10 +72,19 @@ class ImageModel:
             self.rt.compile = compile
             self.cfg, self.max_batch = self.rt.cfg, None
             self.schedule = resolve_schedule(self.cfg, resolution, 1.0)
+            # whole-scale CUDA graphs are planned per batch size (and text length): keep one per dynamic batch size
+            self.rt.orchestrator(self.schedule).graphs.max_plans = 32
             self.text_encoder = self.rt.text_encoder
             self.label = f"model {self.cfg.name} (PyTorch)"
+        if self.text_encoder is None and random_text_encoder and not engine_dir:
+            # benchmarks with random weights: a random 2-layer T5 of the model's text width stands in for flan-t5-xl
+            from toprovar.model.text import tiny_text_encoder
+            self.rt.text_encoder = tiny_text_encoder(self.cfg.text_channels, self.cfg.text_maxlen,
+                                                     seed=weights_seed).to(device)
+            self.text_encoder = self.rt.text_encoder
         if self.text_encoder is None:
-            raise ValueError("serve: this model has no text encoder (pass --t5 DIR)")
+            raise ValueError("serve: this model has no text encoder (pass --t5 DIR; benchmarks with random weights: "
+                             "--random-text-encoder)")
 
     def check_prompt(self, prompt: str) -> None:
         """RequestError unless ``prompt`` fits the text encoder."""

@@ -28,18 +28,14 @@ from toprovar.pipeline import Pipeline, resolve_schedule  # noqa: E402
 from toprovar.policy import Policy, make_policy  # noqa: E402
 
 
-class SharedSet(Policy):
+class SharedSet:
     """Wraps a policy: the first prompt's kept tokens for every prompt (one block call per pruned layer)."""
 
     def __init__(self, inner: Policy):
         self.inner = inner
-        self.name = inner.name + "+shared"
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-    def start(self, info):
-        self.inner.start(info)
 
     def plan_key(self):
         key = self.inner.plan_key()

@@ -13,6 +13,7 @@ starts with this interpreter's ``sysconfig`` LIBDIR.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -39,20 +40,22 @@ class ServeError(RuntimeError):
 
 
 def triton_dist() -> Path:
-    """The ``tritonserver`` distribution of the nvidia-pytriton wheel."""
-    try:
-        import pytriton
-    except ImportError:
-        raise ServeError("serve: nvidia-pytriton is not installed; pip install nvidia-pytriton==0.7.0") from None
-    return Path(pytriton.__file__).parent / "tritonserver"
+    """The ``tritonserver`` distribution of the nvidia-pytriton wheel (found, not imported: its Python API and
+    its dependencies are not needed)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("serve: nvidia-pytriton is not installed; pip install --no-deps nvidia-pytriton==0.7.0")
+    dist = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (dist / "bin" / "tritonserver").is_file():
+        raise ServeError(f"serve: {dist}/bin/tritonserver not found (a broken nvidia-pytriton install)")
+    return dist
 
 
 def server_env(base: dict | None = None) -> dict:
     """Environment of the tritonserver process: this interpreter's LIBDIR first on LD_LIBRARY_PATH (the stub's
     libpython), the wheel's bundled libraries, this interpreter's bin directory first on PATH."""
     env = dict(os.environ if base is None else base)
-    import pytriton
-    libs = [sysconfig.get_config_var("LIBDIR"), str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR"), str(triton_dist().parent.parent / "nvidia_pytriton.libs")]
     old = env.get("LD_LIBRARY_PATH")
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p and Path(p).is_dir()] + ([old] if old else []))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

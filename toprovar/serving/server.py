@@ -40,11 +40,11 @@ class ServeError(RuntimeError):
 
 
 def triton_dist() -> Path:
-    """The ``tritonserver`` distribution of the nvidia-pytriton wheel (found, not imported: its Python API and
-    its dependencies are not needed)."""
+    """The ``tritonserver`` distribution of the nvidia-pytriton wheel (found, not imported: its Python API is
+    not used)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServeError("serve: nvidia-pytriton is not installed; pip install --no-deps nvidia-pytriton==0.7.0")
+        raise ServeError("serve: nvidia-pytriton is not installed; pip install nvidia-pytriton==0.7.0")
     dist = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     if not (dist / "bin" / "tritonserver").is_file():
         raise ServeError(f"serve: {dist}/bin/tritonserver not found (a broken nvidia-pytriton install)")
@@ -180,8 +180,18 @@ def placement(args: argparse.Namespace) -> list[dict]:
     return instance_groups(gpus, args.instances_per_gpu, ids)
 
 
+def check_numpy() -> None:
+    """The Python-backend stub of Triton 2.51 (nvidia-pytriton 0.7.0) reads numpy 2 arrays with wrong strides
+    (BYTES inputs arrive garbled, the stub dies): refuse numpy 2 with one line."""
+    import numpy
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise ServeError(f"serve: the Triton Python-backend stub of nvidia-pytriton 0.7.0 needs numpy<2, this "
+                         f"environment has numpy {numpy.__version__}; pip install 'numpy<2'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     check_args(args)
+    check_numpy()
     groups = placement(args)
     options = {"model": {"model": args.model, "engine_dir": str(Path(args.engine_dir).resolve()) if args.engine_dir
                          else None, "backend": args.backend, "dtype": args.dtype, "resolution": args.resolution,

@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         sections.append("\n".join(["## Peer anchor: official Infinity autoregressive_infer_cfg, unpruned (VAE decode "
                                    "not timed)", ""] + markdown_table(orows)))
     payload["total_s"] = round(time.monotonic() - t0, 1)
-    title = (f"Batched throughput, {args.model} {payload.get('resolution', '')}px {dtype}, CFG 3 "
-             f"(median of {args.runs}, {payload['timing']})")
+    res = f" {payload['resolution']}px" if "resolution" in payload else ""
+    title = (f"Serving and batched throughput, {args.model}{res} {dtype}, CFG 3 (offline: median of {args.runs}, "
+             f"{payload['timing']})")
     md = write_results(stem, payload, rows, title, out_dir, sections)
     print(md.read_text())
     failed = ("error" in payload.get("serving", {})) or any("error" in v for v in payload.get("offline", {}).values()

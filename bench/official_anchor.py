@@ -1,6 +1,7 @@
 """Peer anchor (issue 7): unpruned latency of the OFFICIAL Infinity code on this GPU.
 
     python bench/official_anchor.py --official-repo .carry/infinity --runs 5 --out official_anchor
+    python bench/official_anchor.py --official-repo .carry/infinity --batch-sizes 1,2,4,8,16 --out-dir $OUT
 
 What runs: the official ``infinity.models.infinity.Infinity`` class of a FoundationVision/Infinity checkout
 (``--official-repo``, set up outside this repo), at the ``infinity-2b`` size (depth 32, width 2048, 16 heads,
@@ -12,10 +13,10 @@ VAE of the oracle test. Dtypes mirror the official inference exactly: parameters
 ``load_infinity(bf16=1)`` casts only ``unregistered_blocks`` to bfloat16 (embeddings, text pool/projections,
 AdaLN mapping and head stay float32), and generation runs under
 ``torch.autocast('cuda', dtype=torch.bfloat16)`` + ``no_grad``. Timed: one ``autoregressive_infer_cfg`` call
-(batch 1 with CFG 3 on logits = 2 rows, tau 0.5, top-k 900, top-p 0.97, seed 1, vae_type 32, the 13-scale
+(batch B prompts, ``--batch-sizes``, default 1, with CFG 3 on logits = 2B rows, tau 0.5, top-k 900, top-p 0.97, seed 1, vae_type 32, the 13-scale
 1M 1:1 schedule up to 64x64 = 1024x1024 px), random text features standing in for flan-t5-xl (1 prompt, 32
-tokens, float32, packed as the official ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)`` tuple). CUDA
-events, 1 warm-up, median of ``--runs``. ``ret_img=False``: the VAE decode is NOT timed (the stand-in VAE
+tokens each, float32, packed as the official ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)`` tuple). CUDA
+events, 1 warm-up, median of ``--runs``; per batch size, images/s = B / median and the peak memory. ``ret_img=False``: the VAE decode is NOT timed (the stand-in VAE
 has no decoder); the summed codes are computed, as in the official loop.
 
 Where the official code's dependencies are replaced (tests/oracle/_shims.py):
@@ -96,23 +97,23 @@ def build(repo: Path, cfg, pn: str, device: torch.device, official_fused_op: boo
     return ns, _shims, model, vae, sched
 
 
-def text_tuple(cfg, device):
-    """Random float32 text features of 1 prompt x N_TEXT tokens, packed as ``encode_prompt`` packs them."""
+def text_tuple(cfg, device, batch: int = 1):
+    """Random float32 text features of ``batch`` prompts x N_TEXT tokens, packed as ``encode_prompt`` packs them."""
     g = torch.Generator().manual_seed(SEED)
-    feats = torch.randn(N_TEXT, cfg.text_channels, generator=g).to(device)
-    lens = [N_TEXT]
-    cu_seqlens_k = torch.tensor([0, N_TEXT], dtype=torch.int32, device=device)
+    feats = torch.randn(batch * N_TEXT, cfg.text_channels, generator=g).to(device)
+    lens = [N_TEXT] * batch
+    cu_seqlens_k = torch.arange(0, (batch + 1) * N_TEXT, N_TEXT, dtype=torch.int32, device=device)
     return feats, lens, cu_seqlens_k, N_TEXT
 
 
-def make_generate(model, vae, sched, text, device):
+def make_generate(model, vae, sched, text, device, batch: int = 1):
     S = len(sched)
 
     def generate():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=True):
             return model.autoregressive_infer_cfg(
                 vae=vae, scale_schedule=sched, label_B_or_BLT=text, g_seed=SEED,
-                B=1, negative_label_B_or_BLT=None, force_gt_Bhw=None,
+                B=batch, negative_label_B_or_BLT=None, force_gt_Bhw=None,
                 cfg_sc=3, cfg_list=[CFG] * S, tau_list=[TAU] * S, top_k=TOP_K, top_p=TOP_P,
                 returns_vemb=1, ratio_Bl1=None, gumbel=0, norm_cfg=False,
                 cfg_exp_k=0.0, cfg_insertion_layer=[0],
@@ -152,22 +153,35 @@ def run_gpu(args, payload: dict) -> float:
     payload["schedule"] = [list(s) for s in sched]
     payload["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     payload["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-    generate = make_generate(model, vae, sched, text_tuple(cfg, device), device)
     payload["fused_norm"] = "shim (eager, --shim-norms)" if args.shim_norms else "official fused_op (torch.compile)"
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
-    except Exception as e:  # noqa: BLE001
-        if args.shim_norms:
-            raise
-        payload["fused_norm_error"] = one_line(e)
-        payload["fused_norm"] = f"shim (eager): the official torch.compile-d fused_op failed ({one_line(e)})"
-        use_shim_norms(model, _shims)
+    payload["batches"] = {}
+    for B in args.batch_sizes:
+        generate = make_generate(model, vae, sched, text_tuple(cfg, device, B), device, B)
         torch.cuda.synchronize()
-        timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
-    payload["timing"] = timing
-    payload["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return timing["median_ms"]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            try:
+                timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
+            except Exception as e:  # noqa: BLE001
+                if args.shim_norms or "fused_norm_error" in payload or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                payload["fused_norm_error"] = one_line(e)
+                payload["fused_norm"] = f"shim (eager): the official torch.compile-d fused_op failed ({one_line(e)})"
+                use_shim_norms(model, _shims)
+                torch.cuda.synchronize()
+                timing = time_cuda(generate, warmup=args.warmup, runs=args.runs)
+        except Exception as e:  # noqa: BLE001  (recorded per batch size; e.g. out of memory)
+            payload["batches"][B] = {"error": one_line(e)}
+            torch.cuda.empty_cache()
+            continue
+        payload["batches"][B] = {"timing": timing, "images_per_s": B / (timing["median_ms"] * 1e-3),
+                                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    first = payload["batches"].get(args.batch_sizes[0], {})
+    if "error" in first:
+        raise RuntimeError(first["error"])
+    payload["timing"], payload["peak_memory_gib"] = first["timing"], first["peak_memory_gib"]
+    return first["timing"]["median_ms"]
 
 
 def tiny_check(args, payload: dict) -> float:
@@ -182,11 +196,16 @@ def tiny_check(args, payload: dict) -> float:
     ns, _shims, model, vae, sched = build(repo, cfg, "0.06M", device, official_fused_op=False, bf16_blocks=False)
     payload["schedule"] = [list(s) for s in sched]
     payload["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-    generate = make_generate(model, vae, sched, text_tuple(cfg, device), device)
-    generate()
-    t0 = time.perf_counter()
-    out = generate()
-    payload["timing"] = {"median_ms": (time.perf_counter() - t0) * 1e3, "runs": 1, "clock": "wall, CPU"}
+    payload["batches"] = {}
+    for B in args.batch_sizes:
+        generate = make_generate(model, vae, sched, text_tuple(cfg, device, B), device, B)
+        generate()
+        t0 = time.perf_counter()
+        out = generate()
+        timing = {"median_ms": (time.perf_counter() - t0) * 1e3, "runs": 1, "clock": "wall, CPU"}
+        payload["batches"][B] = {"timing": timing, "images_per_s": B / (timing["median_ms"] * 1e-3),
+                                 "returned_batch": int(out[-1].shape[0]) if torch.is_tensor(out[-1]) else None}
+    payload["timing"] = payload["batches"][args.batch_sizes[0]]["timing"]
     payload["returned"] = [type(x).__name__ for x in out]
     g = torch.Generator().manual_seed(0)
     lens = [5, 11, 3]
@@ -212,6 +231,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="untimed generations first (compiles the norms)")
     ap.add_argument("--out", default="official_anchor", help="bench/results/<out>.json and .md")
+    ap.add_argument("--out-dir", default=None, help="folder of <out>.json/.md (default: bench/results)")
+    ap.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1],
+                    help="prompts per generation, comma-separated (default 1)")
     ap.add_argument("--shim-norms", action="store_true",
                     help="use the eager shim AdaLN norms instead of the official torch.compile-d fused_op")
     ap.add_argument("--tiny-check", action="store_true", help=argparse.SUPPRESS)
@@ -222,7 +244,7 @@ def main(argv=None) -> int:
         "config": "infinity-2b" if not args.tiny_check else "tiny (CPU smoke test)",
         "weights": "random (build_official, seed 0)",
         "resolution": "1024x1024 (pn 1M, h/w 1.0, 13 scales)" if not args.tiny_check else "pn 0.06M",
-        "settings": dict(batch=1, cfg=CFG, cfg_insertion_layer=[0], tau=TAU, top_k=TOP_K, top_p=TOP_P,
+        "settings": dict(batch=args.batch_sizes, cfg=CFG, cfg_insertion_layer=[0], tau=TAU, top_k=TOP_K, top_p=TOP_P,
                          g_seed=SEED, vae_type=32, text_tokens=N_TEXT, ret_img=False),
         "dtypes": "float32 params, unregistered_blocks cast to bf16 (load_infinity bf16=1); "
                   "autoregressive_infer_cfg under torch.autocast('cuda', bf16) + no_grad",
@@ -243,14 +265,21 @@ def main(argv=None) -> int:
         payload["environment"] = environment()
     except Exception as e:  # noqa: BLE001
         payload["environment"] = {"error": one_line(e)}
-    t = payload.get("timing", {})
-    row = {"implementation": "official Infinity (FoundationVision), SDPA path", "config": payload["config"],
-           "median_ms": t.get("median_ms", float("nan")), "min_ms": t.get("min_ms", "-"),
-           "max_ms": t.get("max_ms", "-"), "runs": t.get("runs", 0), "fused_norm": payload.get("fused_norm", "-")}
-    if err:
-        row["error"] = err
-    out_dir = RESULTS if not args.tiny_check else Path("/tmp/toprovar_official_anchor_tiny")
-    write_results(args.out, payload, [row], "Peer anchor: official Infinity, unpruned, random weights", out_dir)
+    rows = []
+    for B in args.batch_sizes:
+        res = payload.get("batches", {}).get(B, {"timing": payload.get("timing", {})} if B == 1 else {})
+        t = res.get("timing", {})
+        row = {"implementation": "official Infinity (FoundationVision), SDPA path", "config": payload["config"],
+               "batch": B, "median_ms": t.get("median_ms", float("nan")),
+               "images/s": res.get("images_per_s", float("nan")), "min_ms": t.get("min_ms", "-"),
+               "max_ms": t.get("max_ms", "-"), "runs": t.get("runs", 0),
+               "peak GiB": res.get("peak_memory_gib", "-"), "fused_norm": payload.get("fused_norm", "-")}
+        if err or "error" in res:
+            row["error"] = res.get("error", err)
+        rows.append(row)
+    out_dir = Path(args.out_dir) if args.out_dir else (
+        RESULTS if not args.tiny_check else Path("/tmp/toprovar_official_anchor_tiny"))
+    write_results(args.out, payload, rows, "Peer anchor: official Infinity, unpruned, random weights", out_dir)
     if err:
         print(f"error: {err}", file=sys.stderr)
     print(f"official_anchor_ms={ms:.3f}" if not math.isnan(ms) else "official_anchor_ms=nan")

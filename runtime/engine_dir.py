@@ -198,6 +198,21 @@ class EngineRuntime:
             raise ScheduleError(f"--h-div-w: {h_div_w:g} is not in this export's schedule ({where}); re-export with "
                                 f"toprovar-export --h-div-w {h_div_w:g}")
 
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch (prompts) the exported pieces accept (the manifest's ``batch.max``; TensorRT
+        profiles end there); None for the torch backend (its modules take any batch)."""
+        if self.backend_name == "torch":
+            return None
+        return int((self.manifest.get("batch") or {}).get("max", 1))
+
+    def check_batch(self, batch: int) -> None:
+        """EngineDirError (one line) when the export was not made for ``batch`` prompts."""
+        if self.max_batch is not None and batch > self.max_batch:
+            raise EngineDirError(f"--prompt: a batch of {batch} prompts exceeds this export's largest batch "
+                                 f"{self.max_batch} ({self.manifest.root}); re-export with toprovar-export "
+                                 f"--max-batch-size {batch}")
+
     # ------------------------------------------------------------------ generation
     def _stream_ctx(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -209,25 +224,27 @@ class EngineRuntime:
         with self._stream_ctx():
             return self.text_encoder.encode(list(prompts))
 
-    def generate(self, prompts: Sequence[str] | str, seed: int = 0, resolution: int | None = None,
+    def generate(self, prompts: Sequence[str] | str, seed: int | Sequence[int] = 0, resolution: int | None = None,
                  h_div_w: float | None = None, cfg: float | Sequence[float] | None = None,
                  tau: float | Sequence[float] | None = None, top_p: float | None = None,
-                 policy: Policy | None = None, profile: bool = False, progress: bool = True) -> GenerationResult:
+                 policy: Policy | None = None, profile: bool = False, progress: bool = True,
+                 row_cfg: Sequence[float] | None = None) -> GenerationResult:
         """Generate one image per prompt (as ``Pipeline.generate``)."""
         self.check_request(resolution, h_div_w)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text, lengths = self.encode(prompts)
         return self.generate_from_features(text, lengths, seed, None, None, cfg, tau, top_p, policy, profile,
-                                           progress)
+                                           progress, row_cfg)
 
-    def generate_from_features(self, text: torch.Tensor, lengths: torch.Tensor, seed: int = 0,
+    def generate_from_features(self, text: torch.Tensor, lengths: torch.Tensor, seed: int | Sequence[int] = 0,
                                resolution: int | None = None, h_div_w: float | None = None,
                                cfg: float | Sequence[float] | None = None,
                                tau: float | Sequence[float] | None = None, top_p: float | None = None,
                                policy: Policy | None = None, profile: bool = False,
-                               progress: bool = True) -> GenerationResult:
+                               progress: bool = True, row_cfg: Sequence[float] | None = None) -> GenerationResult:
         """Generate from text features (B, L, C_text) float32 and lengths (B,) int32."""
         self.check_request(resolution, h_div_w)
+        self.check_batch(text.shape[0])
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
         c = self.cfg
@@ -237,7 +254,7 @@ class EngineRuntime:
         check_sampling(cfg, tau, top_p, len(self.schedule))
         with self._stream_ctx():
             res = self.orchestrator.generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p,
-                                             policy=policy, profile=profile, progress=progress)
+                                             policy=policy, profile=profile, progress=progress, row_cfg=row_cfg)
         if self.stream is not None:
             torch.cuda.current_stream(self.backend.device).wait_stream(self.stream)
         return res

@@ -89,7 +89,9 @@ class ScaleState:
     bits_out: list = field(default_factory=list)
     off: int = 0
     noise: list = field(default_factory=list)
-    cfg_t: torch.Tensor | None = None
+    cfg_t: torch.Tensor | None = None  # (G, S): per CFG group (rows sharing a CFG scale), per scale
+    # with several CFG settings, per setting: (its rows, rows (k,) int64 and CFG rows (2k,) int64 on the device)
+    groups: list = field(default_factory=list)
     tau_t: torch.Tensor | None = None
     top_p_t: torch.Tensor | None = None
     use_cfg: bool = True
@@ -122,22 +124,61 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
     return vals[:n]
 
 
-def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits: int,
+def uniform_noise(gen: torch.Generator | Sequence[torch.Generator], batch: int, counts: Sequence[int], bits: int,
                   device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
     stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
     from pageable memory synchronises the stream, so a copy per scale would stall the launch queue.
+    ``gen``: one generator per row (row b's noise depends on its own generator only: a request's image does
+    not depend on its batch-mates), or one generator drawing (B, n_s, bits) per scale.
     ``out``: a flat float32 device buffer of B * sum(counts) * bits elements to copy into (stable address)."""
-    flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts])
+    if isinstance(gen, torch.Generator):
+        parts = [torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts]
+    else:
+        if len(gen) != batch:
+            raise ValueError(f"{len(gen)} generators for a batch of {batch}")
+        parts = [torch.cat([torch.rand(1, n, bits, generator=g) for g in gen]).reshape(-1) for n in counts]
+    flat = torch.cat(parts)
     flat = flat.to(device) if out is None else out.copy_(flat)
     return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
 
 
-def heads_view(cache_k: list, cache_v: list, layer: int, Bp: int, P: int | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def row_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+    """One seed per row: a list as given (its length must be the batch), an int s -> s, s+1, ..., s+B-1 (row b
+    of a batch draws what a generation of that prompt alone with seed s+b draws)."""
+    if isinstance(seed, int):
+        return [seed + b for b in range(batch)]
+    seeds = [int(v) for v in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"--seed: {len(seeds)} seeds given for {batch} prompts")
+    return seeds
+
+
+def cfg_groups(cfg: float | Sequence[float], row_cfg: Sequence[float] | None, batch: int, n_scales: int
+               ) -> tuple[list[list[float]], list[list[int]]]:
+    """Per-scale CFG scales of each distinct CFG setting and the rows that use it: ([per-scale cfg], [rows]).
+    ``row_cfg``: one CFG scale per row (constant over scales), else ``cfg`` (scalar or per scale) for all."""
+    if row_cfg is None:
+        return [per_scale(cfg, n_scales, "cfg")], [list(range(batch))]
+    vals = [float(v) for v in row_cfg]
+    if len(vals) != batch:
+        raise ValueError(f"--cfg: {len(vals)} per-prompt CFG scales given for {batch} prompts")
+    distinct = list(dict.fromkeys(vals))
+    return [[v] * n_scales for v in distinct], [[b for b, v in enumerate(vals) if v == d] for d in distinct]
+
+
+def rows_view(t: torch.Tensor, b: int | None, B: int) -> torch.Tensor:
+    """Rows of sample ``b`` of a (B', ...) tensor, B' in {B, 2B} (its conditional row and, with CFG, its
+    unconditional row B + b: a strided view, no copy); all rows when b is None."""
+    return t if b is None else t[b::B]
+
+
+def heads_view(cache_k: list, cache_v: list, layer: int, Bp: int, P: int | None, rows: int | None = None,
+               B: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's caches (B', total, H, hd) token-major, as (B', H, P, hd) views of their first P tokens
-    (all of them when P is None): the blocks' (B, H, N, hd) convention, no copy."""
-    return tuple(c[layer][:Bp, :P].transpose(1, 2) for c in (cache_k, cache_v))
+    (all of them when P is None): the blocks' (B, H, N, hd) convention, no copy. ``rows``: only sample
+    ``rows``'s rows (``rows_view``)."""
+    return tuple(rows_view(c[layer][:Bp], rows, B)[:, :P].transpose(1, 2) for c in (cache_k, cache_v))
 
 
 def resized_update(update: tuple[torch.Tensor, tuple[int, int]], hw: tuple[int, int], batch: int) -> torch.Tensor:
@@ -163,11 +204,18 @@ class Orchestrator:
         self.graphs = ScaleGraphs(backend)  # whole-scale CUDA graphs per generation plan
 
     @torch.no_grad()
-    def generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int,
+    def generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int | Sequence[int],
                  cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 1.0, top_p: float = 0.97,
                  policy: Policy | None = None, profile: bool = False, progress: bool = True,
-                 ) -> GenerationResult:
+                 row_cfg: Sequence[float] | None = None) -> GenerationResult:
         """text (B, L, C_text) float32, lengths (B,) int32 -> GenerationResult.
+
+        Batches: every row has its own seed (``seed``: one per row, or an int s for rows s, s+1, ...; see
+        ``row_seeds``) and, with ``row_cfg``, its own CFG scale (else ``cfg``, a scalar or one per scale, for
+        every row); the CFG batch is 2B rows (conditional rows, then unconditional ones). The head runs once
+        per distinct CFG setting on that setting's rows. Row b's image does not depend on the other rows for
+        policies whose decisions are per row (no pruning, fixed rules, ToProVAR's per-row kept sets at a
+        pinned operating point); see docs/runtime.md "Batches".
 
         Buffers (KV caches for the whole schedule, the residual stream, gathered kept tokens, the sampling
         noise and per-scale scalars) live in ``self.ws`` and are reused across scales and calls. A backend
@@ -189,7 +237,8 @@ class Orchestrator:
         Out of device memory while CUDA graphs (scale or block graphs) hold memory, the graphs are freed and
         the generation runs once more before the error is raised.
         """
-        kw = dict(seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy, profile=profile, progress=progress)
+        kw = dict(seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy, profile=profile, progress=progress,
+                  row_cfg=row_cfg)
         try:
             return self._generate(text, lengths, **kw)
         except OutOfMemoryAtScale:
@@ -204,14 +253,16 @@ class Orchestrator:
             had = self.backend.drop_graphs() or had
         return had
 
-    def _generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed: int, cfg, tau, top_p: float,
-                  policy: Policy | None, profile: bool, progress: bool) -> GenerationResult:
+    def _generate(self, text: torch.Tensor, lengths: torch.Tensor, *, seed, cfg, tau, top_p: float,
+                  policy: Policy | None, profile: bool, progress: bool, row_cfg) -> GenerationResult:
         be, sp, S = self.backend, self.spec, len(self.schedule)
         dev = be.device
         policy = policy or Policy()
-        cfgs, taus = per_scale(cfg, S, "cfg"), per_scale(tau, S, "tau")
         B = text.shape[0]
-        use_cfg = any(c != 1.0 for c in cfgs)
+        seeds = row_seeds(seed, B)
+        group_cfgs, group_rows = cfg_groups(cfg, row_cfg, B, S)
+        taus = per_scale(tau, S, "tau")
+        use_cfg = any(c != 1.0 for cs in group_cfgs for c in cs)
         timer = _Timer(dev, profile)
         if hasattr(be, "prepare"):
             with _oom_guard(f"preparing the backend's buffers for {S} scales (batch {B})", dev):
@@ -221,15 +272,22 @@ class Orchestrator:
             cond, ada, ca_kv, ca_len, x0 = be.condition(text.to(dev), lengths.to(dev), use_cfg)
         timer.stop("condition")
         st = self._allocate(B, x0, cond, ada, ca_kv, ca_len)
-        gen = torch.Generator().manual_seed(seed)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         # noise of every scale and the per-scale scalars: one host-to-device copy each, into stable buffers
         # (a pageable copy synchronises the stream; stable addresses let scale graphs read them)
         counts = [h * w for h, w in self.schedule]
-        st.noise = uniform_noise(gen, B, counts, sp.token_bits, dev,
+        st.noise = uniform_noise(gens, B, counts, sp.token_bits, dev,
                                  out=self.ws.view("noise", (B * sum(counts) * sp.token_bits,), torch.float32))
-        scalars = self.ws.view("scalars", (2 * S + 1,), torch.float32)
-        scalars.copy_(torch.tensor(cfgs + taus + [float(top_p)], dtype=torch.float32))
-        st.cfg_t, st.tau_t, st.top_p_t = scalars[:S], scalars[S:2 * S], scalars[2 * S:]
+        G = len(group_cfgs)
+        scalars = self.ws.view("scalars", (G * S + S + 1,), torch.float32)
+        scalars.copy_(torch.tensor(sum(group_cfgs, []) + taus + [float(top_p)], dtype=torch.float32))
+        st.cfg_t, st.tau_t, st.top_p_t = scalars[:G * S].view(G, S), scalars[G * S:G * S + S], scalars[G * S + S:]
+        if G > 1:  # rows of each CFG group (and their CFG rows): one copy, a stable buffer
+            flat = [r for rows in group_rows for r in rows + rows + [B + r for r in rows]]
+            index = self.ws.view("cfg_rows", (len(flat),), torch.int64)
+            index.copy_(torch.tensor(flat, dtype=torch.int64))
+            parts = index.split([3 * len(rows) for rows in group_rows])
+            st.groups = [(tuple(rows), p[:len(rows)], p[len(rows):]) for p, rows in zip(parts, group_rows)]
         st.use_cfg = use_cfg
         trace = PolicyTrace(schedule=list(self.schedule), batch=B, cfg=st.Bp > B, text_len=int(ca_kv.shape[1]))
         policy.start(GenerationInfo(self.schedule, sp.depth, B, dev, compile=getattr(be, "compiled", False)))
@@ -249,7 +307,7 @@ class Orchestrator:
                 if plan is not None and plan.capturing:  # graphs are an optimisation: rerun eagerly
                     self.graphs.fail(plan, exc)
                     return self._generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy,
-                                          profile=profile, progress=progress)
+                                          profile=profile, progress=progress, row_cfg=row_cfg)
                 if is_oom(exc):
                     raise oom_error(f"at scale {si} ({h}x{w}, {h * w} tokens, batch {st.Bp})", exc, dev) from None
                 raise
@@ -257,10 +315,13 @@ class Orchestrator:
         if plan is not None:
             plan.finish(self.graphs.binding(st, self.ws))
         timer.start("decode")
-        with _oom_guard("in the VAE decoder", dev):
-            images = be.decode(st.summed)
-            if getattr(be, "owns_outputs", False):
-                images = images.clone()
+        with _oom_guard("in the VAE decoder", dev):  # row by row: a row's pixels do not depend on the batch
+            if B == 1:
+                images = be.decode(st.summed)
+                if getattr(be, "owns_outputs", False):
+                    images = images.clone()
+            else:
+                images = torch.cat([be.decode(st.summed[b:b + 1]).clone() for b in range(B)])
         timer.stop("decode")
         if profile:
             be.synchronize()
@@ -348,59 +409,64 @@ class Orchestrator:
                 continue
             want = policy.wants_entropy(si, layer)
             lap(si, "policy")
+            P = cache_len[layer]
             if idx is None:
-                xin, rin = x, rope
-            else:
-                idx = idx.to(dev)
-                k_n = idx.numel()
-                xin = torch.index_select(x, 1, idx, out=self.ws.view("xin", (Bp, k_n, sp.width), x.dtype))
-                rin = torch.index_select(rope, 1, idx,
-                                         out=self.ws.view("rope_in", (2, k_n, rope.shape[-1]), rope.dtype))
-                lap(si, "gather_scatter")
-            P, m = cache_len[layer], xin.shape[1]
-            if in_cache:
-                xo, ent = be.block_in_cache(layer, xin, ada, ca_kv, ca_len, rin,
-                                            *heads_view(cache_k, cache_v, layer, Bp, None), P, want)
-            else:
-                xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
-                                         *heads_view(cache_k, cache_v, layer, Bp, P), want)
-                cache_k[layer][:Bp, P:P + m] = k.transpose(1, 2)
-                cache_v[layer][:Bp, P:P + m] = v.transpose(1, 2)
-            cache_len[layer] = P + m
-            trace.kept[si].append(m)
-            if idx is not None:
-                lap(si, "pruned")
-                if restore:  # kept tokens: their update; pruned ones: the previous scale's, resized
-                    u = (resized_update(updates[layer], (h, w), Bp) if updates[layer] is not None
-                         else torch.zeros_like(x))
-                    u.index_copy_(1, idx, xo.float() - xin)
-                    x, updates[layer] = x + u, (u, (h, w))
-                else:
-                    x.index_copy_(1, idx, xo)
-                lap(si, "gather_scatter")
-            else:
+                xo, ent = self._block(st, layer, x, rope, None, want, in_cache)
+                m = n
                 if restore:
-                    updates[layer] = (xo.float() - xin, (h, w))
+                    updates[layer] = (xo.float() - x, (h, w))
                 if owns:
                     x.copy_(xo)
                 else:
                     x = xo
                 lap(si, "dense")
+                ent = None if not want else (ent[:B].clone() if owns else ent[:B])
+            else:  # kept tokens: one set for the batch (k,), or one per sample (B, k) run sample by sample
+                idx = idx.to(dev)
+                per_row = idx.dim() == 2
+                m = idx.shape[-1]
+                u = None
+                if restore:  # kept tokens: their update; pruned ones: the previous scale's, resized
+                    u = (resized_update(updates[layer], (h, w), Bp) if updates[layer] is not None
+                         else torch.zeros_like(x))
+                ents = []
+                for b in (range(B) if per_row else (None,)):
+                    ib = idx[b] if per_row else idx
+                    xr = rows_view(x, b, B)
+                    xin = torch.index_select(xr, 1, ib, out=self.ws.view("xin", (xr.shape[0], m, sp.width), x.dtype))
+                    rin = torch.index_select(rope, 1, ib,
+                                             out=self.ws.view("rope_in", (2, m, rope.shape[-1]), rope.dtype))
+                    lap(si, "gather_scatter")
+                    xo, ent = self._block(st, layer, xin, rin, b, want, in_cache)
+                    lap(si, "pruned")
+                    if restore:
+                        rows_view(u, b, B).index_copy_(1, ib, xo.float() - xin)
+                    else:
+                        xr.index_copy_(1, ib, xo)
+                    if want:  # the conditional row(s)
+                        ent = ent[:1] if per_row else ent[:B]
+                        ents.append(ent.clone() if owns or per_row else ent)
+                    lap(si, "gather_scatter")
+                if restore:
+                    x, updates[layer] = x + u, (u, (h, w))
+                ent = (ents[0] if len(ents) == 1 else torch.cat(ents)) if want else None
+            cache_len[layer] = P + m
+            trace.kept[si].append(m)
             if want:
-                policy.observe(si, layer, ent[:B].clone() if owns else ent[:B], idx)
+                policy.observe(si, layer, ent, idx)
                 lap(si, "policy")
-        uniform = st.noise[si]
         lap(si, "sampling")
-        cfg_t, tau_t = st.cfg_t[si:si + 1], st.tau_t[si:si + 1]
-        if split_head:
-            logits = be.head_logits(si, x, st.cond)
-            lap(si, "head")
-            bits = be.head_sample(si, logits, uniform, cfg_t, tau_t, st.top_p_t)
-            lap(si, "sampling")
-        else:
-            bits = be.head(si, x, st.cond, uniform, cfg_t, tau_t, st.top_p_t)
-            lap(si, "head")
         dst = st.bits_all[:, st.off:st.off + n]
+        tau_t = st.tau_t[si:si + 1]
+        if not st.groups:  # one CFG setting for every row
+            bits = self._head(si, x, st.cond, st.noise[si], st.cfg_t[0, si:si + 1], tau_t, st, split_head, lap)
+        else:  # the head on each CFG setting's rows
+            bits = self.ws.view("bits_rows", (B, n, sp.token_bits), torch.float32)
+            for g, (_, rows, cfg_rows) in enumerate(st.groups):
+                xr = cfg_rows if Bp > B else rows
+                bits.index_copy_(0, rows, self._head(si, x.index_select(0, xr), st.cond.index_select(0, xr),
+                                                     st.noise[si].index_select(0, rows), st.cfg_t[g, si:si + 1],
+                                                     tau_t, st, split_head, lap))
         dst.copy_(bits)
         st.bits_out.append(dst)
         st.off += n
@@ -416,6 +482,34 @@ class Orchestrator:
             x.view(Bp // B, B, h2 * w2, sp.width).copy_(x_next.unsqueeze(0).expand(Bp // B, -1, -1, -1))
         st.x = x
         lap(si, "next_input")
+
+    def _block(self, st: "ScaleState", layer: int, xin, rin, b: int | None, want: bool, in_cache: bool):
+        """Block ``layer`` on xin (B' rows, or sample b's rows (``rows_view``)) with RoPE rows rin, its new
+        keys/values written into the layer's cache at its fill -> (x_out, entropy | None)."""
+        be, B, Bp = self.backend, st.B, st.Bp
+        P, m = st.cache_len[layer], xin.shape[1]
+        ada, ca_kv, ca_len = (rows_view(t, b, B) for t in (st.ada, st.ca_kv, st.ca_len))
+        if in_cache:
+            return be.block_in_cache(layer, xin, ada, ca_kv, ca_len, rin,
+                                     *heads_view(st.cache_k, st.cache_v, layer, Bp, None, b, B), P, want)
+        xo, k, v, ent = be.block(layer, xin, ada, ca_kv, ca_len, rin,
+                                 *heads_view(st.cache_k, st.cache_v, layer, Bp, P, b, B), want)
+        rows_view(st.cache_k[layer][:Bp], b, B)[:, P:P + m] = k.transpose(1, 2)
+        rows_view(st.cache_v[layer][:Bp], b, B)[:, P:P + m] = v.transpose(1, 2)
+        return xo, ent
+
+    def _head(self, si: int, x, cond, uniform, cfg_t, tau_t, st: "ScaleState", split_head: bool, lap):
+        """The head (logits + bit sampling) of scale ``si`` on x (B', n, C) -> bits (B, n, bits)."""
+        be = self.backend
+        if split_head:
+            logits = be.head_logits(si, x, cond)
+            lap(si, "head")
+            bits = be.head_sample(si, logits, uniform, cfg_t, tau_t, st.top_p_t)
+            lap(si, "sampling")
+        else:
+            bits = be.head(si, x, cond, uniform, cfg_t, tau_t, st.top_p_t)
+            lap(si, "head")
+        return bits
 
     def release(self) -> None:
         """Free the preallocated buffers and scale graphs (they are otherwise kept for the next call)."""

@@ -6,7 +6,8 @@ scales and around every pruned layer. When a policy's decisions never depend on 
 operating point, fixed baselines; ``Policy.plan_key`` is not None), the orchestrator's scale step issues
 the same kernels on the same buffers in every generation, so each scale is captured once and replayed.
 
-A plan is keyed by the policy's key and the shapes of the generation (batch, CFG, text length); it is
+A plan is keyed by the policy's key and the shapes of the generation (batch, CFG, text length, the rows of
+each CFG setting); it is
 valid while every buffer the graphs read or write stays at its address (the orchestrator's workspace,
 the backend's conditioning buffers: checked on every call, a moved buffer drops the plan). Life cycle
 per plan: the first generation runs eagerly (warm-up: compilation, library handles, workspaces), the
@@ -79,7 +80,8 @@ class ScaleGraphs:
         key = policy.plan_key()
         if key is None:
             return None
-        key = (key, st.B, st.Bp, st.use_cfg, tuple(st.ca_kv.shape), str(st.ca_kv.dtype), len(st.noise))
+        key = (key, st.B, st.Bp, st.use_cfg, tuple(st.ca_kv.shape), str(st.ca_kv.dtype), len(st.noise),
+               tuple(g[0] for g in st.groups))  # the rows of each CFG setting
         if key in self._failed:
             return None
         binding = self.binding(st, ws)

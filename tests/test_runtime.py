@@ -36,7 +36,8 @@ PROMPTS = [(["a red square left of a blue circle"], 1), (["two green triangles",
 def export_dir(tmp_path_factory):
     from toprovar.export.onnx_export import ExportRequest, export_model
     out = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(ExportRequest(model="tiny", out=str(out), weights_seed=0, progress=False, only=PIECES))
+    export_model(ExportRequest(model="tiny", out=str(out), weights_seed=0, progress=False, only=PIECES,
+                               max_batch_size=8))
     return out
 
 
@@ -58,6 +59,33 @@ def pipe():
 def _same_bits(a, b) -> list[bool]:
     assert len(a.bits) == len(b.bits)
     return [torch.equal(x, y) for x, y in zip(a.bits, b.bits)]
+
+
+# ------------------------------------------------------------------------------------------ batches
+BATCH = ["a red fox", "two green triangles on a long grey road at night", "cat", "a yellow circle", "x",
+         "blue sky over the sea", "a", "an orange square"]
+
+
+@pytest.mark.parametrize("backend,policy", [("onnxruntime", "none"), ("onnxruntime", "pinned"), ("torch", "none")])
+def test_engine_dir_row_alone_or_in_a_batch_of_8_same_bits_and_image(ort_rt, torch_rt, backend, policy):
+    from toprovar.benchmark.e2e import operating_point
+    from toprovar.policy import ToProVARConfig, ToProVARPolicy
+    rt = ort_rt if backend == "onnxruntime" else torch_rt
+    make = (lambda: ToProVARPolicy(ToProVARConfig(stage="full", **operating_point(rt.cfg.depth, len(rt.schedule))))
+            ) if policy == "pinned" else (lambda: make_policy(policy))
+    seeds = [int(s) for s in torch.randint(0, 2**31 - 1, (8,))]
+    cfgs = [3.0] * 6 + [1.5, 3.0]
+    batch = rt.generate(BATCH, seed=seeds, policy=make(), progress=False, row_cfg=cfgs)
+    for b in (6, 7):
+        alone = rt.generate([BATCH[b]], seed=seeds[b], policy=make(), progress=False, row_cfg=[cfgs[b]])
+        assert all(torch.equal(x[b:b + 1], y) for x, y in zip(batch.bits, alone.bits)), (backend, policy, b)
+        assert torch.equal(batch.images[b:b + 1], alone.images), (backend, policy, b)
+
+
+def test_engine_dir_batch_over_the_export_limit_is_one_line(ort_rt):
+    with pytest.raises(EngineDirError, match=r"^--prompt: a batch of 9 prompts exceeds this export's largest batch 8 "
+                                             r"\(.*\); re-export with toprovar-export --max-batch-size 9$"):
+        ort_rt.generate(BATCH + ["y"], seed=1, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ equivalence

@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="end-to-end benchmark of the policies -> JSON + Markdown (per scale, per piece)")
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
+    from .serving import add_client_args, add_serve_args, cmd_client, cmd_serve
+    s = sub.add_parser("serve", help="serve the model with Triton Inference Server (HTTP, gRPC, metrics)")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+    cl = sub.add_parser("client", help="request images from a `toprovar serve` server -> PNG")
+    add_client_args(cl)
+    cl.set_defaults(func=cmd_client)
     sub.add_parser("policies", help="list pruning policies").set_defaults(
         func=lambda a: print("\n".join(__import__("toprovar.policy", fromlist=["POLICIES"]).POLICIES)) or 0)
     args = parser.parse_args(argv)

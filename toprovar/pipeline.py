@@ -76,23 +76,24 @@ class Pipeline:
         for orch in self._orchestrators.values():
             orch.release_graphs()
 
-    def generate(self, prompts: Sequence[str], seed: int = 0, resolution: int | None = None,
+    def generate(self, prompts: Sequence[str], seed: int | Sequence[int] = 0, resolution: int | None = None,
                  h_div_w: float = 1.0, cfg: float | Sequence[float] | None = None,
                  tau: float | Sequence[float] | None = None, top_p: float | None = None,
-                 policy: Policy | None = None, profile: bool = False, progress: bool = True) -> GenerationResult:
+                 policy: Policy | None = None, profile: bool = False, progress: bool = True,
+                 row_cfg: Sequence[float] | None = None) -> GenerationResult:
         """Generate one image per prompt; see ``Orchestrator.generate`` for the result."""
         if self.text_encoder is None:
             raise ValueError("--prompt: this pipeline has no text encoder; use generate_from_features")
         text, lengths = self.text_encoder.encode(list(prompts))
         return self.generate_from_features(text, lengths, seed, resolution, h_div_w, cfg, tau, top_p, policy,
-                                           profile, progress)
+                                           profile, progress, row_cfg)
 
-    def generate_from_features(self, text: torch.Tensor, lengths: torch.Tensor, seed: int = 0,
+    def generate_from_features(self, text: torch.Tensor, lengths: torch.Tensor, seed: int | Sequence[int] = 0,
                                resolution: int | None = None, h_div_w: float = 1.0,
                                cfg: float | Sequence[float] | None = None,
                                tau: float | Sequence[float] | None = None, top_p: float | None = None,
                                policy: Policy | None = None, profile: bool = False,
-                               progress: bool = True) -> GenerationResult:
+                               progress: bool = True, row_cfg: Sequence[float] | None = None) -> GenerationResult:
         """Generate from precomputed text features (B, L, C_text) float32 and lengths (B,) int32."""
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
@@ -102,7 +103,8 @@ class Pipeline:
         top_p = self.cfg.top_p if top_p is None else top_p
         check_sampling(cfg, tau, top_p, len(schedule))
         return self.orchestrator(schedule).generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p,
-                                                    policy=policy, profile=profile, progress=progress)
+                                                    policy=policy, profile=profile, progress=progress,
+                                                    row_cfg=row_cfg)
 
 
 def generate(prompts: Sequence[str] | str, model: str = "tiny", seed: int = 0, **kw) -> np.ndarray:

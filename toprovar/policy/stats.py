@@ -59,12 +59,13 @@ def scale_factor(si: int, num_scales: int) -> float:
 
 
 def upsample_entropy(entropy: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """(h*w,) entropy on the src grid -> (H*W,) on the dst grid by bilinear interpolation
-    (align_corners=False, the interpolation the summed codes use between scales)."""
+    """(..., h*w) entropy on the src grid -> (..., H*W) on the dst grid by bilinear interpolation
+    (align_corners=False, the interpolation the summed codes use between scales); leading dims: per prompt."""
+    lead = entropy.shape[:-1]
     if tuple(src) == tuple(dst):
-        return entropy.float().reshape(-1)
-    m = entropy.float().reshape(1, 1, *src)
-    return F.interpolate(m, size=tuple(dst), mode="bilinear", align_corners=False).reshape(-1)
+        return entropy.float().reshape(*lead, -1)
+    m = entropy.float().reshape(-1, 1, *src)
+    return F.interpolate(m, size=tuple(dst), mode="bilinear", align_corners=False).reshape(*lead, -1)
 
 
 def min_kept(n: int, k_min: float, bucket: int) -> int:

@@ -3,8 +3,12 @@
 Causal sources of every statistic (nothing is used before the orchestrator has computed it):
 
 * token entropy H_i: the head-mean self-attention entropy (FAE, ``wants_entropy``) that a block
-  returned for the CONDITIONAL half of the CFG batch (the orchestrator passes rows [:B]); with several
-  prompts the rows are averaged, so the batch shares one kept set, applied to both CFG halves.
+  returned for the CONDITIONAL half of the CFG batch (the orchestrator passes rows [:B]), per prompt.
+* batches: every prompt keeps ITS OWN tokens (its own entropy ranking), applied to both of its CFG rows;
+  the kept COUNT is common to the batch (KV caches stay rectangular): the largest of the prompts' own
+  counts. At a pinned operating point (``keep_fraction``, fixed D, static scores) the count does not depend
+  on entropy, so a prompt's image is the one it gets alone; adaptively, a prompt may keep more tokens than
+  alone (D: the latest prompt's; a layer is skipped only when every prompt would skip it).
 * rho_s: fraction of tokens of scale s below the scale's mean entropy, from the entropy of the
   ``rho_layers`` (they always run on all tokens; averaged when several) at scale s, known as soon as
   the last of them has run at scale s.
@@ -94,11 +98,14 @@ class ToProVARPolicy(Policy):
         self.needs_R = c.stage in ("scale-layer", "full")
         self.online = c.layer_score_mode == "online"
         self.D: int | None = c.fixed_depth
-        self.rho: dict[int, float] = {}
-        self.mean_entropy: dict[int, float] = {}
-        self.R: list[float | None] = list(c.layer_scores) if not self.online else [None] * info.depth
-        self.ratio: list[float | None] = [None] * info.depth
-        self.ent: torch.Tensor | None = None  # (n,) most recent entropy per token of the current scale
+        self.B = info.batch
+        # rho, mean entropy, R, ratio: one float per scale / layer (a list of one per prompt for B > 1)
+        self.rho: dict[int, float | list[float]] = {}
+        self.mean_entropy: dict[int, float | list[float]] = {}
+        self.R: list = list(c.layer_scores) if not self.online else [None] * info.depth
+        self.ratio: list = [None] * info.depth
+        self._reached = [False] * info.batch  # per prompt: rho >= tau at some scale so far
+        self.ent: torch.Tensor | None = None  # (B, n) most recent entropy per prompt and token of the current scale
         self._si = -1
         self._rho_buf: list[torch.Tensor] = []
 
@@ -143,28 +150,38 @@ class ToProVARPolicy(Policy):
         if not self._prunable(si, layer):
             return None
         c = self.config
-        if c.stage == "scale-layer":
-            return self._empty() if self.R[layer] >= c.detail_threshold else None
-        if self.ent is None or self.ent.numel() != n:
+        if c.stage == "scale-layer":  # skipped when every prompt would skip it
+            return self._empty() if min(self._scores(layer)) >= c.detail_threshold else None
+        if self.ent is None or self.ent.shape[-1] != n:
             return None
-        r = 1.0 if c.stage == "scale-token" else self.R[layer]
+        rs = [1.0] * self.B if c.stage == "scale-token" else self._scores(layer)
         # a fill kernel, not torch.tensor(..., device=): a pageable host-to-device copy would sync the stream
-        phi_r = torch.full((1,), scale_factor(si, self.S) * r, dtype=torch.float32, device=self.ent.device)
+        phi_r = [torch.full((1,), scale_factor(si, self.S) * r, dtype=torch.float32, device=self.ent.device)
+                 for r in rs]
         floor = min_kept(n, c.k_min, c.bucket)
-        order = None
+        orders = None
         if c.keep_fraction is None:
-            _, k_t, order = self.piece(self.ent, phi_r)
-            k = int(k_t.item())  # the one device read of a pruned layer
+            outs = [self.piece(e, p) for e, p in zip(self.ent, phi_r)]
+            orders = [o[2] for o in outs]
+            ks = outs[0][1] if self.B == 1 else torch.stack([o[1] for o in outs]).max()
+            k = int(ks.item())  # the one device read of a pruned layer: the batch's largest count
         else:  # pinned operating point: the count is known on the host
-            want = n * (1.0 - r * (1.0 - c.keep_fraction))
-            k = min(n, max(floor, -(-round(want) // c.bucket) * c.bucket))
+            k = max(min(n, max(floor, -(-round(n * (1.0 - r * (1.0 - c.keep_fraction))) // c.bucket) * c.bucket))
+                    for r in rs)
         if c.stage == "full" and c.layer_skip and k <= floor < n:
             return self._empty()
         if k >= n:
             return None
-        if order is None:
-            return self._select(self.piece, self.ent, phi_r, k)
-        return ascending_first(order, k)
+        if orders is None:
+            rows = [self._select(self.piece, e, p, k) for e, p in zip(self.ent, phi_r)]
+        else:
+            rows = [ascending_first(o, k) for o in orders]
+        return rows[0] if self.B == 1 else torch.stack(rows)  # (k,) or per prompt (B, k)
+
+    def _scores(self, layer: int) -> list[float]:
+        """R_l per prompt (static scores: the same for every prompt)."""
+        r = self.R[layer]
+        return list(r) if isinstance(r, list) else [r] * self.B
 
     def _empty(self) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.info.device)
@@ -175,20 +192,22 @@ class ToProVARPolicy(Policy):
             if self.ent is not None:
                 self.ent = self._merge(self.ent, kept.to(self.ent.device), entropy)
             return
-        e = entropy.float().mean(dim=0)  # conditional rows, averaged over prompts
+        e = entropy.float()  # (B, n): the conditional rows, one per prompt
         self.ent = e
+        one = (lambda v: v[0]) if self.B == 1 else (lambda v: v)  # noqa: E731  (report: a float for one prompt)
         if self.D is None and layer in self.rho_set:
             self._rho_buf.append(e)
             if layer == self.last_rho:
                 h = torch.stack(self._rho_buf).mean(dim=0)
-                rho = float(low_entropy_ratio(h))
-                self.rho[si], self.mean_entropy[si] = rho, float(h.mean())
-                if rho >= self.config.tau:
+                rho = low_entropy_ratio(h).tolist()
+                self.rho[si], self.mean_entropy[si] = one(rho), one(h.mean(dim=-1).tolist())
+                self._reached = [r or v >= self.config.tau for r, v in zip(self._reached, rho)]
+                if all(self._reached):  # the batch prunes from the scale its latest prompt reaches D at
                     self.D = si
         if self.needs_R and self.online and si == self.rep and self.R[layer] is None:
             hh, ww = self.schedule[si]
-            ratio = principal_ratio(e.reshape(hh, ww), self.config.svd_center)
-            self.ratio[layer], self.R[layer] = ratio, layer_score(ratio, self.config.beta)
+            ratio = [principal_ratio(row.reshape(hh, ww), self.config.svd_center) for row in e]
+            self.ratio[layer], self.R[layer] = one(ratio), one([layer_score(v, self.config.beta) for v in ratio])
 
     def report(self) -> dict:
         """What this generation decided: D, rho/mean entropy per scale, R per layer."""
@@ -198,9 +217,9 @@ class ToProVARPolicy(Policy):
 
 
 def merge_kept_entropy(ent: torch.Tensor, kept: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-    """ent (n,) float32 per-token entropy, kept (k,) int64, entropy (B, k) of the kept tokens -> ent with the
-    kept tokens' entries replaced by their entropy averaged over prompts (a new tensor)."""
-    return ent.index_copy(0, kept, entropy.float().mean(dim=0))
+    """ent (B, n) float32 per-prompt, per-token entropy, kept (k,) or per prompt (B, k) int64, entropy (B, k)
+    of the kept tokens -> ent with the kept tokens' entries replaced by their entropy (a new tensor)."""
+    return ent.scatter(1, kept.expand(ent.shape[0], -1), entropy.float())
 
 
 _COMPILED: dict = {}

@@ -1,0 +1,248 @@
+"""Serving benchmark (issue 16): offline batched throughput, then a real ``toprovar serve`` under load.
+
+    python bench/serve.py --model infinity-2b --out $OUT                          # GPU: everything
+    python bench/serve.py --model tiny --device cpu --batch-sizes 1,2 --concurrency 1,2 --runs 1 --out /tmp/s
+
+1. Offline: ``Pipeline.generate_from_features`` (PyTorch backend; on CUDA bf16, compiled pieces, whole-scale
+   CUDA graphs) on B prompts (random text features, one seed each, CFG 3: 2B rows) for every ``--batch-sizes``
+   and ``--policies`` (the ToProVAR variants at the pinned operating point of ``toprovar bench``): median
+   latency of ``--runs`` after ``--warmup``, images/s = B / latency, peak device memory per batch size.
+2. Serving (unless ``--no-serve``): ``toprovar serve`` in a subprocess (random weights, a random 2-layer T5
+   standing in for flan-t5-xl, ``--max-batch``, ``--queue-delay-ms``, one instance per visible GPU), then per
+   ``--serve-policies`` a warm-up and, for every ``--concurrency`` c, a closed-loop load of c clients
+   (``toprovar.serving.client.load``, gRPC): images/s and latency p50/p95/p99; SIGTERM at the end.
+3. Peer anchor (``--official-repo DIR``): bench/official_anchor.py at the same batch sizes, in a subprocess.
+
+Writes OUT/NAME.json and OUT/NAME.md (NAME = ``--name``, default serve_MODEL) with device and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, environment, markdown_table, time_fn, timing_method, write_results  # noqa: E402
+
+import torch  # noqa: E402
+
+from toprovar.benchmark.e2e import build_policy  # noqa: E402
+from toprovar.cli_args import DTYPES  # noqa: E402
+from toprovar.pipeline import Pipeline, resolve_schedule, vae_stride  # noqa: E402
+from toprovar.serving.client import Client, load, wait_ready  # noqa: E402
+from toprovar.serving.service import PINNED  # noqa: E402
+
+N_TEXT = 32
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def offline(args, device: torch.device, dtype: str) -> tuple[dict, list[dict]]:
+    """Batched throughput per policy and batch size (``run`` entries and Markdown rows)."""
+    pipe = Pipeline.load(args.model, device=str(device), dtype=DTYPES[dtype], seed=args.weights_seed,
+                         text_encoder=False)
+    pipe.compile = device.type == "cuda" if args.compile is None else args.compile
+    cfg = pipe.cfg
+    schedule = resolve_schedule(cfg, args.resolution, 1.0)
+    resolution = max(schedule[-1]) * vae_stride(cfg)
+    g = torch.Generator().manual_seed(0)
+    runs, rows = {"resolution": resolution}, []
+    for name in args.policies:
+        for B in args.batch_sizes:
+            text = torch.randn(B, N_TEXT, cfg.text_channels, generator=g).to(device)
+            lengths = torch.full((B,), N_TEXT, dtype=torch.int32, device=device)
+            make = lambda: build_policy(name, cfg.depth, None, len(schedule))  # noqa: E731
+            fn = lambda: pipe.generate_from_features(text, lengths, seed=list(range(1, B + 1)),  # noqa: E731
+                                                     resolution=resolution, cfg=3.0, tau=0.5, policy=make(),
+                                                     progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            key = f"{name}/B{B}"
+            try:
+                t = time_fn(fn, device, warmup=args.warmup, runs=args.runs)
+            except Exception as exc:  # noqa: BLE001  (recorded: e.g. out of memory at a batch size)
+                runs[key] = {"error": (str(exc).strip().splitlines() or [type(exc).__name__])[0]}
+                print(f"{key}: error: {runs[key]['error']}", file=sys.stderr, flush=True)
+                pipe.release_graphs()
+                continue
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            runs[key] = {"policy": name, "batch": B, "latency": t, "images_per_s": B / (t["median_ms"] * 1e-3),
+                         "peak_memory_gib": peak}
+            rows.append({"policy": name, "batch": B, "latency ms": t["median_ms"],
+                         "images/s": runs[key]["images_per_s"], "ms/image": t["median_ms"] / B,
+                         "peak GiB": "-" if peak is None else round(peak, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+        pipe.release_graphs()  # each policy's scale graphs hold memory
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return runs, rows
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def serving(args, device: torch.device, dtype: str, log: Path) -> tuple[dict, list[dict]]:
+    """``toprovar serve`` under closed-loop load at each concurrency, per policy."""
+    http, grpc, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "toprovar.cli", "serve", "--model", args.model, "--dtype", dtype,
+           "--device", "cpu" if device.type == "cpu" else "auto", "--weights-seed", str(args.weights_seed),
+           "--random-text-encoder", "--max-batch", str(args.max_batch), "--queue-delay-ms", str(args.queue_delay_ms),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    if args.resolution:
+        cmd += ["--resolution", str(args.resolution)]
+    if args.compile or (args.compile is None and device.type == "cuda"):
+        cmd.append("--compile")
+    url = f"grpc://localhost:{grpc}"
+    out: dict = {"command": " ".join(cmd[1:]), "log": str(log)}
+    rows: list[dict] = []
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        try:
+            wait_ready(url, args.startup_timeout)
+            out["startup_s"] = round(time.monotonic() - t0, 1)
+            c = Client(url)
+            out["server"] = c._c.get_server_metadata(as_json=True)
+            c.close()
+            # equal token counts: the text length is part of a scale-graph plan's key
+            prompts = [f"a photo of object number {i:03d}" for i in range(64)]
+            for name in args.serve_policies:
+                policy = PINNED if name == "toprovar" else name
+                warm = load(url, max(args.concurrency), 2 * max(args.concurrency), prompts, policy)
+                out[f"{name}/warmup"] = warm.summary()
+                for conc in args.concurrency:
+                    res = load(url, conc, max(args.min_requests, args.requests_per_client * conc), prompts, policy,
+                               seed=1000 * conc).summary()
+                    out[f"{name}/c{conc}"] = res
+                    lat = res["latency_ms"]
+                    rows.append({"policy": name, "concurrency": conc, "requests": res["requests"],
+                                 "errors": res["errors"], "images/s": res["images_per_s"], "p50 ms": lat["p50"],
+                                 "p95 ms": lat["p95"], "p99 ms": lat["p99"]})
+                    print(json.dumps(rows[-1]), flush=True)
+        except Exception as exc:  # noqa: BLE001  (recorded with the server's log tail)
+            out["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"serving: error: {out['error']}", file=sys.stderr, flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out["exit_status"] = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out["exit_status"] = "killed after 120 s"
+    out["log_tail"] = log.read_text()[-3000:]
+    return out, rows
+
+
+def official(args, out_dir: Path) -> tuple[dict, list[dict]]:
+    """bench/official_anchor.py at the same batch sizes (a subprocess: its own imports and memory)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "official_anchor.py"), "--official-repo", args.official_repo,
+           "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--runs", str(args.runs),
+           "--out", "official_anchor_batch", "--out-dir", str(out_dir)]
+    if args.model != "infinity-2b":
+        cmd.append("--tiny-check")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    path = out_dir / "official_anchor_batch.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"error": proc.stderr[-2000:]}
+    rows = [{"batch": int(B), "latency ms": r.get("timing", {}).get("median_ms", float("nan")),
+             "images/s": r.get("images_per_s", float("nan")), "peak GiB": r.get("peak_memory_gib", "-"),
+             "error": r.get("error", "")} for B, r in data.get("batches", {}).items()]
+    return {"command": " ".join(cmd[1:]), "exit_status": proc.returncode, "result": data}, rows
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("pytriton", "tritonclient", "onnxruntime"):
+        try:
+            from importlib.metadata import version
+            out[mod] = version({"pytriton": "nvidia-pytriton"}.get(mod, mod))
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="infinity-2b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's (1024 for Infinity)")
+    ap.add_argument("--weights-seed", type=int, default=0)
+    ap.add_argument("--batch-sizes", type=ints, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--policies", type=names, default=["none", "toprovar", "fastvar-public", "skipvar"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs (eager, then scale-graph capture)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument("--serve-policies", type=names, default=["none", "toprovar"])
+    ap.add_argument("--concurrency", type=ints, default=[1, 4, 16])
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--queue-delay-ms", type=float, default=20.0)
+    ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--official-repo", default=None, help="FoundationVision/Infinity checkout: the peer anchor")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--name", default=None, help="result file stem (default serve_MODEL)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"serve_{args.model}"
+    payload = {"model": args.model, "dtype": dtype, "device": str(device), "timing": timing_method(device),
+               "cfg": 3.0, "weights": "random", "text": f"random features, {N_TEXT} tokens (offline); a random "
+               "2-layer T5 in the server", "toprovar": "pinned operating point (toprovar.benchmark.e2e)",
+               "batch_sizes": args.batch_sizes, "policies": args.policies, "versions": versions(),
+               "environment": environment(device), "command": " ".join(sys.argv)}
+    rows, sections = [], []
+    t0 = time.monotonic()
+    if not args.no_offline:
+        payload["offline"], rows = offline(args, device, dtype)
+        payload["resolution"] = payload["offline"]["resolution"]
+    payload["offline_s"] = round(time.monotonic() - t0, 1)
+    if not args.no_serve:
+        payload["serving"], srows = serving(args, device, dtype, out_dir / f"{stem}_server.log")
+        sections.append("\n".join([f"## Serving: toprovar serve (max batch {args.max_batch}, queue delay "
+                                   f"{args.queue_delay_ms:g} ms, closed loop over gRPC)", ""] + markdown_table(srows)
+                                  + (["", f"error: {payload['serving']['error']}"] if "error" in payload["serving"]
+                                     else [])))
+    if args.official_repo:
+        payload["official"], orows = official(args, out_dir)
+        sections.append("\n".join(["## Peer anchor: official Infinity autoregressive_infer_cfg, unpruned (VAE decode "
+                                   "not timed)", ""] + markdown_table(orows)))
+    payload["total_s"] = round(time.monotonic() - t0, 1)
+    res = f" {payload['resolution']}px" if "resolution" in payload else ""
+    title = (f"Serving and batched throughput, {args.model}{res} {dtype}, CFG 3 (offline: median of {args.runs}, "
+             f"{payload['timing']})")
+    md = write_results(stem, payload, rows, title, out_dir, sections)
+    print(md.read_text())
+    failed = ("error" in payload.get("serving", {})) or any("error" in v for v in payload.get("offline", {}).values()
+                                                           if isinstance(v, dict))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What one model instance does with a dynamic batch, without Triton: request validation (one line naming the
+input), grouping by policy, and failure isolation (a failing batch is retried row by row, only the failing
+row fails). Tiny model, CPU."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from toprovar.serving.service import ImageModel, ImageService, RequestError, Row
+
+
+class FailsOn(ImageModel):
+    """The real model, except that a generation containing ``prompt`` runs out of device memory (injected)."""
+
+    bad_prompt = "this prompt runs out of memory"
+    calls: list
+
+    def generate(self, rows):
+        self.calls.append([r.prompt for r in rows])
+        if any(r.prompt == self.bad_prompt for r in rows):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().generate(rows)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = FailsOn(model="tiny", device="cpu")
+    m.calls = []
+    return m
+
+
+def test_validation_names_the_input(model):
+    svc = ImageService(model, "none")
+    assert svc.parse(b"a red fox", np.int64(5), np.float32(2.5), b"skipvar") == Row("a red fox", 5, 2.5, "skipvar")
+    assert svc.parse("a red fox") == Row("a red fox", 0, model.cfg.default_cfg, "none")
+    for args, message in [((b"",), "prompt: empty"), ((b"   ",), "prompt: empty"),
+                          ((b"\xff\xfe",), "prompt: not valid UTF-8"),
+                          (("x" * 100,), "prompt: 101 tokens exceed the tiny (random) text encoder's limit of 64"),
+                          (("a", -1), "seed: -1 is out of range"),
+                          (("a", None, float("nan")), "cfg: must be a finite number >= 0, got nan"),
+                          (("a", None, float("inf")), "cfg: must be a finite number >= 0, got inf"),
+                          (("a", None, -0.5), "cfg: must be a finite number >= 0, got -0.5"),
+                          (("a", None, None, b"bogus"), "policy: unknown policy 'bogus'")]:
+        with pytest.raises(RequestError) as err:
+            svc.parse(*args)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), (args, str(err.value))
+    with pytest.raises(ValueError, match="--policy: unknown policy 'nope'"):
+        ImageService(model, "nope")
+
+
+def test_failing_row_fails_alone_and_policies_run_apart(model):
+    svc = ImageService(model, "none", max_batch=8)
+    seed = int.from_bytes(os.urandom(3), "little")
+    rows = [Row("a red fox", seed, 3.0, "none"), Row(FailsOn.bad_prompt, seed + 1, 3.0, "none"),
+            Row("a yellow circle", seed + 2, 3.0, "none"), Row("a blue square", seed + 3, 2.0, "skipvar")]
+    model.calls.clear()
+    out = svc.run(rows)
+    assert isinstance(out[1], torch.OutOfMemoryError)
+    # one batched generation per policy; the failed batch again row by row
+    assert model.calls == [["a red fox", FailsOn.bad_prompt, "a yellow circle"], ["a red fox"],
+                           [FailsOn.bad_prompt], ["a yellow circle"], ["a blue square"]]
+    side = max(model.schedule[-1]) * 4  # the tiny VAE's stride
+    for i in (0, 2, 3):  # rows 0 and 2: their images from the row-by-row retry
+        assert isinstance(out[i], np.ndarray) and out[i].dtype == np.uint8 and out[i].shape == (side, side, 3), i

@@ -1,0 +1,183 @@
+"""What one model instance serves, independent of Triton: request validation, batched generation, failure
+isolation.
+
+``ImageModel`` opens a pipeline model (``--model NAME``, as ``toprovar generate``) or an export directory
+(``--engine-dir DIR --backend ...``) on one device and generates uint8 images for a batch of prompts, each
+with its own seed and CFG scale, under one policy. ``ImageService.run`` takes the rows of a dynamic batch:
+rows are grouped by policy (one batched generation per policy, at most ``max_batch`` rows each); when a
+batched generation fails (out of memory, ...) its rows are retried one by one so that only the failing row
+fails.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from toprovar.images import to_uint8
+from toprovar.model.text import tokenize_batch
+from toprovar.policy import POLICIES, Policy, ToProVARConfig, ToProVARPolicy, make_policy
+
+#: ToProVAR at the pinned operating point of the benchmarks (``toprovar.benchmark.e2e.operating_point``)
+PINNED = "toprovar-pinned"
+POLICY_NAMES = tuple(sorted(POLICIES)) + (PINNED,)
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """A request the server rejects (one line naming the input and the problem)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt to generate: the prompt, its seed, CFG scale and policy name (validated)."""
+    prompt: str
+    seed: int
+    cfg: float
+    policy: str
+
+
+def serving_policy(name: str, depth: int, num_scales: int, calibration: str | None = None) -> Policy:
+    """A fresh policy object for one generation (``POLICY_NAMES``; ``toprovar-pinned``: the pinned point)."""
+    if name == PINNED:
+        from toprovar.benchmark.e2e import operating_point
+        return ToProVARPolicy(ToProVARConfig(stage="full", **operating_point(depth, num_scales)))
+    return make_policy(name, calibration)
+
+
+class ImageModel:
+    """A pipeline model or an export directory on one device: ``generate(rows, policy) -> (B, H, W, 3) uint8``."""
+
+    def __init__(self, *, model: str | None = None, engine_dir: str | None = None, backend: str = "torch",
+                 device: str = "cpu", dtype: str = "float32", resolution: int | None = None,
+                 weights_seed: int = 0, checkpoint: str | None = None, vae: str | None = None,
+                 t5: str | None = None, calibration: str | None = None, compile: bool = False,
+                 random_text_encoder: bool = False):
+        self.device, self.resolution, self.calibration = device, resolution, calibration
+        if engine_dir:
+            from toprovar.runtime.engine_dir import EngineRuntime
+            self.rt = EngineRuntime.open(engine_dir, backend, device, checkpoint=checkpoint, vae=vae, t5=t5)
+            self.rt.check_request(resolution, None)
+            self.cfg, self.schedule, self.max_batch = self.rt.cfg, self.rt.schedule, self.rt.max_batch
+            self.text_encoder = self.rt.text_encoder
+            self.label = f"{engine_dir} on {backend}"
+        else:
+            from toprovar.cli_args import DTYPES
+            from toprovar.pipeline import Pipeline, resolve_schedule
+            self.rt = Pipeline.load(model or "shapes", checkpoint=checkpoint, vae=vae, t5=t5, device=device,
+                                    dtype=DTYPES[dtype], seed=weights_seed)
+            self.rt.compile = compile
+            self.cfg, self.max_batch = self.rt.cfg, None
+            self.schedule = resolve_schedule(self.cfg, resolution, 1.0)
+            # whole-scale CUDA graphs are planned per batch size (and text length): keep one per dynamic batch size
+            self.rt.orchestrator(self.schedule).graphs.max_plans = 32
+            self.text_encoder = self.rt.text_encoder
+            self.label = f"model {self.cfg.name} (PyTorch)"
+        if self.text_encoder is None and random_text_encoder and not engine_dir:
+            # benchmarks with random weights: a random 2-layer T5 of the model's text width stands in for flan-t5-xl
+            from toprovar.model.text import tiny_text_encoder
+            self.rt.text_encoder = tiny_text_encoder(self.cfg.text_channels, self.cfg.text_maxlen,
+                                                     seed=weights_seed).to(device)
+            self.text_encoder = self.rt.text_encoder
+        if self.text_encoder is None:
+            raise ValueError("serve: this model has no text encoder (pass --t5 DIR; benchmarks with random weights: "
+                             "--random-text-encoder)")
+
+    def check_prompt(self, prompt: str) -> None:
+        """RequestError unless ``prompt`` fits the text encoder."""
+        te = self.text_encoder
+        try:
+            tokenize_batch(te.tokenize, [prompt], te.max_length, te.label)
+        except ValueError as exc:
+            raise RequestError(str(exc).replace("--prompt:", "prompt:", 1)) from None
+
+    def policy(self, name: str) -> Policy:
+        return serving_policy(name, self.cfg.depth, len(self.schedule), self.calibration)
+
+    def generate(self, rows: Sequence[Row]) -> np.ndarray:
+        """One batched generation of rows sharing a policy -> (B, H, W, 3) uint8."""
+        kw = {"resolution": self.resolution} if self.max_batch is None else {}
+        res = self.rt.generate([r.prompt for r in rows], seed=[r.seed for r in rows], row_cfg=[r.cfg for r in rows],
+                               policy=self.policy(rows[0].policy), progress=False, **kw)
+        return to_uint8(res.images)
+
+
+class ImageService:
+    """Validation and batched generation for one model instance."""
+
+    def __init__(self, model: ImageModel, default_policy: str = "none", max_batch: int | None = None):
+        if default_policy not in POLICY_NAMES:
+            raise ValueError(f"--policy: unknown policy {default_policy!r}; choose from {list(POLICY_NAMES)}")
+        self.model, self.default_policy = model, default_policy
+        limits = [m for m in (max_batch, model.max_batch) if m]
+        self.max_batch = min(limits) if limits else None
+
+    def parse(self, prompt, seed=None, cfg=None, policy=None) -> Row:
+        """One row from a request's values (bytes or str prompt/policy, int seed, float cfg; None: default)."""
+        if isinstance(prompt, (bytes, np.bytes_)):
+            try:
+                prompt = bytes(prompt).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError("prompt: not valid UTF-8") from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("prompt: empty; send one non-empty string per request")
+        self.model.check_prompt(prompt)
+        seed = 0 if seed is None else int(seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed: {seed} is out of range [0, 2^63 - 1]")
+        cfg = float(self.model.cfg.default_cfg) if cfg is None else float(cfg)
+        if not math.isfinite(cfg) or cfg < 0:
+            raise RequestError(f"cfg: must be a finite number >= 0, got {cfg}")
+        if isinstance(policy, (bytes, np.bytes_)):
+            policy = bytes(policy).decode("utf-8", errors="replace")
+        policy = policy.strip() if policy else self.default_policy
+        if policy not in POLICY_NAMES:
+            raise RequestError(f"policy: unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        return Row(prompt, seed, cfg, policy)
+
+    def run(self, rows: Sequence[Row], on_error: Callable[[BaseException], None] | None = None
+            ) -> list[np.ndarray | Exception]:
+        """Generate every row: (H, W, 3) uint8 or the exception that row failed with. Rows are grouped by
+        policy into batched generations of at most ``max_batch``; a failed batch is retried row by row."""
+        out: list[np.ndarray | Exception | None] = [None] * len(rows)
+        by_policy: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_policy.setdefault(r.policy, []).append(i)
+        for idx in by_policy.values():
+            step = self.max_batch or len(idx)
+            for k in range(0, len(idx), step):
+                chunk = idx[k:k + step]
+                try:
+                    images = self.model.generate([rows[i] for i in chunk])
+                    for i, img in zip(chunk, images):
+                        out[i] = img
+                    continue
+                except Exception as exc:  # noqa: BLE001  (isolate the failing row below)
+                    _recover()
+                    if on_error:
+                        on_error(exc)
+                    if len(chunk) == 1:
+                        out[chunk[0]] = exc
+                        continue
+                for i in chunk:  # batch-mates of a failure: one by one, so only the failing row fails
+                    try:
+                        out[i] = self.model.generate([rows[i]])[0]
+                    except Exception as exc:  # noqa: BLE001
+                        _recover()
+                        out[i] = exc
+        return out  # type: ignore[return-value]
+
+
+def _recover() -> None:
+    """After a failed generation: free cached device memory (an out-of-memory batch leaves it fragmented)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

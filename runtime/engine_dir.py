@@ -51,7 +51,7 @@ def default_device() -> str:
 def model_config(manifest) -> ModelConfig:
     """The ModelConfig recorded in the manifest (validated)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    data = {k: v for k, v in manifest["model"].items() if k in fields}
+    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["model"].items() if k in fields}
     try:
         return ModelConfig(**data).validate()
     except TypeError as exc:
@@ -98,10 +98,12 @@ class EngineRuntime:
         if len(grid) != 2:
             from toprovar.schedule import rope_grid_side
             grid = rope_grid_side(self.schedule[-1][0] / self.schedule[-1][1])
-        ropes = rope_tables(cfg.head_dim, self.schedule, grid)
-        spec = ModelSpec(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, cfg.token_bits, cfg.codebook_dim,
-                         cfg.spatial_patchify)
-        self.orchestrator = Orchestrator(backend, spec, self.schedule, ropes)
+        if cfg.is_hart:
+            from toprovar.model.families import ropes_for
+            ropes = ropes_for(cfg, self.schedule)
+        else:
+            ropes = rope_tables(cfg.head_dim, self.schedule, grid)
+        self.orchestrator = Orchestrator(backend, ModelSpec.from_config(cfg), self.schedule, ropes)
 
     # ------------------------------------------------------------------ opening
     @classmethod

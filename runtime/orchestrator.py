@@ -66,6 +66,21 @@ class ModelSpec:
     token_bits: int
     codebook_dim: int
     spatial_patchify: bool
+    # sampling uniforms per token at each scale when they differ from token_bits (HART: categorical draw, Gumbel
+    # and diffusion noise; the head's output is token_bits wide)
+    noise_widths: tuple[int, ...] | None = None
+
+    def noise_width(self, si: int) -> int:
+        return self.token_bits if self.noise_widths is None else int(self.noise_widths[si])
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        """The orchestrator's view of a ``ModelConfig`` (HART: token_bits = the codebook width Cvae, the head's
+        output per token; its sampling noise per scale from the family)."""
+        from toprovar.model.families import noise_widths
+        bits = cfg.codebook_dim if cfg.is_hart else cfg.token_bits
+        return cls(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, bits, cfg.codebook_dim, cfg.spatial_patchify,
+                   noise_widths(cfg, len(cfg.patch_nums)))
 
 
 @dataclass
@@ -122,15 +137,18 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
     return vals[:n]
 
 
-def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits: int,
+def uniform_noise(gen: torch.Generator, batch: int, counts: Sequence[int], bits: int | Sequence[int],
                   device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
     stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
     from pageable memory synchronises the stream, so a copy per scale would stall the launch queue.
-    ``out``: a flat float32 device buffer of B * sum(counts) * bits elements to copy into (stable address)."""
-    flat = torch.cat([torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts])
+    ``out``: a flat float32 device buffer of B * sum(counts * bits) elements to copy into (stable address).
+    ``bits``: one width for every scale or one per scale."""
+    widths = [bits] * len(counts) if isinstance(bits, int) else list(bits)
+    flat = torch.cat([torch.rand(batch, n, b, generator=gen).reshape(-1) for n, b in zip(counts, widths)])
     flat = flat.to(device) if out is None else out.copy_(flat)
-    return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
+    return [t.view(batch, n, b) for t, n, b in
+            zip(flat.split([batch * n * b for n, b in zip(counts, widths)]), counts, widths)]
 
 
 def heads_view(cache_k: list, cache_v: list, layer: int, Bp: int, P: int | None
@@ -225,8 +243,9 @@ class Orchestrator:
         # noise of every scale and the per-scale scalars: one host-to-device copy each, into stable buffers
         # (a pageable copy synchronises the stream; stable addresses let scale graphs read them)
         counts = [h * w for h, w in self.schedule]
-        st.noise = uniform_noise(gen, B, counts, sp.token_bits, dev,
-                                 out=self.ws.view("noise", (B * sum(counts) * sp.token_bits,), torch.float32))
+        widths = [sp.noise_width(si) for si in range(S)]
+        st.noise = uniform_noise(gen, B, counts, widths, dev, out=self.ws.view(
+            "noise", (B * sum(n * b for n, b in zip(counts, widths)),), torch.float32))
         scalars = self.ws.view("scalars", (2 * S + 1,), torch.float32)
         scalars.copy_(torch.tensor(cfgs + taus + [float(top_p)], dtype=torch.float32))
         st.cfg_t, st.tau_t, st.top_p_t = scalars[:S], scalars[S:2 * S], scalars[2 * S:]
@@ -275,8 +294,10 @@ class Orchestrator:
         gathers, summed codes, sampled bits) -> the state before scale 0."""
         sp, dev, dt = self.spec, self.backend.device, self.backend.dtype
         Bp = x0.shape[0]
-        total = sum(h * w for h, w in self.schedule)
-        n_max = max(h * w for h, w in self.schedule)
+        # scale 0 runs x0's tokens (Infinity: the one start token; HART: the text's context tokens)
+        n0 = x0.shape[1] - self.schedule[0][0] * self.schedule[0][1]
+        total = sum(h * w for h, w in self.schedule) + n0
+        n_max = max(max(h * w for h, w in self.schedule), x0.shape[1])
         shape = (Bp, total, sp.num_heads, sp.head_dim)  # token-major: the layout of a block's new k/v
         fh, fw = self.schedule[-1]
         f = 2 if sp.spatial_patchify else 1
@@ -318,7 +339,8 @@ class Orchestrator:
             st.Bp, st.x, st.cond, st.ada, st.ca_kv, st.ca_len = (B, st.x[:B], st.cond[:B], st.ada[:B],
                                                                   st.ca_kv[:B], st.ca_len[:B])
         Bp, x, ada, ca_kv, ca_len = st.Bp, st.x, st.ada, st.ca_kv, st.ca_len
-        rope = self.ropes[si]
+        n_out, n = n, x.shape[1]  # tokens sampled / run through the blocks (HART's scale 0: the context tokens)
+        rope = self.ropes[si] if self.ropes[si].shape[1] == n else self.ropes[si][:, :n]
         trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
         lap(si, "other")
         for layer in range(sp.depth):
@@ -400,10 +422,10 @@ class Orchestrator:
         else:
             bits = be.head(si, x, st.cond, uniform, cfg_t, tau_t, st.top_p_t)
             lap(si, "head")
-        dst = st.bits_all[:, st.off:st.off + n]
+        dst = st.bits_all[:, st.off:st.off + n_out]
         dst.copy_(bits)
         st.bits_out.append(dst)
-        st.off += n
+        st.off += n_out
         lap(si, "sampling")
         summed_new, x_next = be.next_input(si, bits, st.summed)
         if owns:

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig, get_config
-from . import vae as vae_mod
-from .infinity import Infinity, build_model
+from . import families
 from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
 
 
@@ -15,7 +14,7 @@ from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
 class ModelParts:
     """The transformer, the VAE decoder and the text encoder (None: generate from features) of one model."""
     cfg: ModelConfig
-    model: Infinity
+    model: torch.nn.Module  # Infinity or HART (``toprovar.model.families``)
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
     random_weights: bool
@@ -29,6 +28,7 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     A config with packaged weights (``shapes``) loads them unless ``checkpoint`` is given; ``weights``
     names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written by
     tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
+    HART: ``vae`` is the tokenizer checkpoint (decoder and codebook), ``t5`` the Qwen2 text encoder directory.
     """
     cfg = get_config(model)
     files = cfg.weight_files(weights, checkpoint)
@@ -36,17 +36,28 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     if files:
         checkpoint, vae = files["model"], vae or files["vae"]
     # random weights are drawn on the CPU so a seed gives the same model on every device
-    net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
+    if cfg.is_hart and bool(checkpoint) != bool(vae):
+        raise ValueError(f"--checkpoint/--tokenizer: {cfg.name} needs both the transformer and the tokenizer "
+                         f"checkpoint (the codebook lives in the tokenizer), or neither (random weights)")
+    net = families.build_model(cfg, seed=seed, device="cpu" if cfg.is_hart or not checkpoint else "meta")
     if checkpoint:
-        net = net.to_empty(device="cpu")
+        net = net.to_empty(device="cpu") if not cfg.is_hart else net
         net.load_checkpoint(checkpoint)
+    dec = families.load_decoder(cfg, vae, net) if vae else families.build_decoder(cfg, seed=seed)
     if dtype != torch.float32:
         net.to_inference_dtype(dtype)
     net = net.to(device)
-    dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
     dec = dec.to(device).eval().requires_grad_(False)
     if not text_encoder:
         te = None
+    elif cfg.is_hart:
+        from .hart.text import qwen2_text_encoder, tiny_qwen2_encoder
+        if t5:
+            te = qwen2_text_encoder(t5, cfg.text_maxlen, device=device)
+        elif cfg.text_encoder == "tiny-qwen2":
+            te = tiny_qwen2_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed).to(device)
+        else:
+            raise ValueError(f"--text-encoder: model {cfg.name} needs a local Qwen2 directory (--text-encoder DIR)")
     elif t5:
         te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
     elif cfg.text_encoder == "tiny":

@@ -93,15 +93,17 @@ def rope_cos_sin(rope: torch.Tensor, offset: torch.Tensor, head_dim: int) -> tup
     dev = rope.device
     f4 = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 4, dtype=torch.int64, device=dev).float() / head_dim)
     f2 = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=dev).float() / head_dim)
-    pos, flag = rope[0].float(), rope[1, :, :1].float()  # (n, 2), (n, 1)
-    p2 = pos.unsqueeze(0) + offset.float().unsqueeze(-1)  # (B, n, 2)
+    pos, flag = rope[0].float(), rope[1, ..., :1].float()  # (n, 2), (n, 1); or per row (B, n, ...)
+    if pos.dim() == 2:
+        pos, flag = pos.unsqueeze(0), flag.unsqueeze(0)
+    p2 = pos + offset.float().unsqueeze(-1)  # (B, n, 2)
     a_row = p2[..., :1] * f4
     a_col = p2[..., 1:] * f4
     ang2 = torch.cat([a_row, a_row, a_col, a_col], dim=-1)
-    p1 = torch.minimum(pos[:, :1].unsqueeze(0), offset.float().unsqueeze(-1))  # (B, n, 1)
+    p1 = torch.minimum(pos[..., :1], offset.float().unsqueeze(-1))  # (B, n, 1)
     a1 = p1 * f2
     ang1 = torch.cat([a1, a1], dim=-1)
-    ang = torch.where(flag.unsqueeze(0) > 0.5, ang1, ang2)
+    ang = torch.where(flag > 0.5, ang1, ang2)
     return ang.cos(), ang.sin()
 
 
@@ -119,7 +121,8 @@ class HartAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def qkv(self, x: torch.Tensor, offset: torch.Tensor, rope: torch.Tensor):
-        """x (B, n, C), offset (B, 1), rope (2, n, 2) -> q, k, v (B, H, n, hd) token-major views, compute dtype."""
+        """x (B, n, C), offset (B, 1), rope (2, n, 2) or per row (2, B, n, 2) -> q, k, v (B, H, n, hd) token-major
+        views, compute dtype."""
         B, n, _ = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias])
         q, k, v = linear(x, self.qkv_proj, bias).view(B, n, 3, self.num_heads, self.head_dim).unbind(2)
@@ -177,6 +180,20 @@ class HartBlock(nn.Module):
         """x (B, n, C) float32 (block input), o (B, H, n, hd) -> x (B, n, C) float32 after attention and MLP."""
         x = x + self.attn.output(o).float()
         return x + self.ffn(self.ln_wo_grad(x)).float()
+
+    def branches(self, ada, rope, past_k, past_v, kv: dict):
+        """The residual branches for sub-layer-wise execution (FastVAR): [(name, fn(tokens, idx) -> branch
+        output float32)]; idx (B, k) selects the tokens' RoPE rows; the self-attention's new k/v go into ``kv``."""
+        def sa(t, idx):
+            r = rope if idx is None else rope[:, idx]
+            q, k, v = self.attn.qkv(self.ln_wo_grad(t), ada, r)
+            o, _ = self.attn.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+            kv["k"], kv["v"] = k, v
+            return self.attn.output(o).float()
+
+        def ffn(t, idx):
+            return self.ffn(self.ln_wo_grad(t)).float()
+        return [("sa", sa), ("ffn", ffn)]
 
     def forward(self, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, attn_mask=None, entropy=None):
         """As ``CrossAttnBlock.forward``: -> x (B, n, C) float32, k, v (B, H, n, hd), entropy | None."""

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from toprovar.config import ModelConfig, get_config
+from toprovar.model.families import default_cfg_list, ropes_for
 from toprovar.model.rope import rope_tables
 from toprovar.model.text import ByteTokenizer, tokenize_batch
 from toprovar.policy.base import Policy
@@ -99,7 +100,6 @@ class EngineRuntime:
             from toprovar.schedule import rope_grid_side
             grid = rope_grid_side(self.schedule[-1][0] / self.schedule[-1][1])
         if cfg.is_hart:
-            from toprovar.model.families import ropes_for
             ropes = ropes_for(cfg, self.schedule)
         else:
             ropes = rope_tables(cfg.head_dim, self.schedule, grid)
@@ -230,7 +230,8 @@ class EngineRuntime:
         c = self.cfg
         with self._stream_ctx():
             res = self.orchestrator.generate(
-                text, lengths, seed=seed, cfg=c.default_cfg if cfg is None else cfg,
+                text, lengths, seed=seed,
+                cfg=default_cfg_list(c, c.default_cfg if cfg is None else cfg, len(self.schedule)),
                 tau=c.default_tau if tau is None else tau, top_p=c.top_p if top_p is None else top_p,
                 policy=policy, profile=profile, progress=progress)
         if self.stream is not None:

@@ -120,7 +120,7 @@ class NoiseFeed:
 @contextlib.contextmanager
 def injected_noise(categorical_u: NoiseFeed, gumbel_u: NoiseFeed, normals: NoiseFeed):
     """Replace ``torch.multinomial`` (inverse CDF on the given uniforms, one per row), ``Tensor.exponential_``
-    (Exp(1) = -log(1 - u) of the given uniforms, clamped at 1e-20: the formula of ``gumbel_from_uniform``) and
+    (Exp(1) = -log(1 - u) of the given uniforms, clamped at 1e-20: ``exponential_from_uniform``) and
     ``torch.randn`` / ``torch.randn_like`` (the given normals, shaped as asked) while inside."""
     saved = (torch.multinomial, torch.Tensor.exponential_, torch.randn, torch.randn_like)
 
@@ -132,7 +132,7 @@ def injected_noise(categorical_u: NoiseFeed, gumbel_u: NoiseFeed, normals: Noise
 
     def exponential_(self, lambd=1.0, generator=None):
         u = gumbel_u.next().reshape(self.shape).to(self.dtype)
-        return self.copy_((-torch.log1p(-u)).clamp_min(1e-20))
+        return self.copy_((-torch.log(1 - u)).clamp_min(1e-20))
 
     def randn(*size, **kw):
         shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size

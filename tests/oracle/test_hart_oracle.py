@@ -54,7 +54,7 @@ from . import _hart_shims
 
 ENV = "TOPROVAR_HART_REPO"
 TOL = 1e-5
-CFG = get_config("hart-tiny")
+CFG = get_config("hart-tiny").replace(more_smooth=True)  # the official sample.py default
 VAE_KW = dict(vocab_size=CFG.vocab_size, z_channels=CFG.codebook_dim, ch=32, ch_mult=(1, 1, 2),
               v_patch_nums=tuple(CFG.patch_nums), quantizer_type="var_hybrid", share_quant_resi=4, quant_resi=0.5,
               test_mode=True)
@@ -77,6 +77,7 @@ def pair(tmp_path_factory):
                   str(tmp / "tokenizer.safetensors"))
         parts = load_parts("hart-tiny", checkpoint=str(tmp), vae=str(tmp / "tokenizer.safetensors"),
                            text_encoder=False)
+        parts.model.cfg = CFG
         yield official, parts
 
 

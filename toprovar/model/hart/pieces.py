@@ -2,8 +2,13 @@
 ``toprovar.model.pieces`` so the shared orchestrator and backends run them unchanged.
 
 Sampling noise per token and scale s (uniform [0, 1), drawn on the CPU by the orchestrator; ``noise_widths``):
-[0] the categorical draw, then V Gumbel uniforms when ``more_smooth``, then at the last scale (1 + steps) * Cvae
-uniforms turned into the diffusion head's standard normals (sqrt(2) erfinv(2u - 1)).
+[0] the categorical draw, then V Gumbel uniforms when ``more_smooth``, then at the last scale 2 (1 + steps) Cvae
+uniforms turned into the diffusion head's standard normals (Box-Muller: pairs (u1, u2) -> sqrt(-2 ln(1 - u1))
+cos(2 pi u2)).
+
+At the last scale the head is two pieces: ``HartHeadPiece`` (logits, CFG, top-k/top-p, the draw, the codes) and
+``HartDiffusionPiece`` (the residual diffusion head); the PyTorch backend runs them back to back (``forward``),
+the export has them as ``head_sXX`` (with the hard codes as a second output) and ``diffusion_head``.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ def noise_widths(cfg: ModelConfig) -> tuple[int, ...]:
     """Uniforms per token at each scale (module docstring)."""
     S = len(cfg.patch_nums)
     base = 1 + (cfg.vocab_size if cfg.more_smooth else 0)
-    return tuple(base + ((1 + cfg.diff_steps) * cfg.codebook_dim if s == S - 1 else 0) for s in range(S))
+    return tuple(base + (2 * (1 + cfg.diff_steps) * cfg.codebook_dim if s == S - 1 else 0) for s in range(S))
 
 
 def top_k_of_scale(si: int, vocab: int) -> int:
@@ -52,14 +57,30 @@ def categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (cdf < (u * cdf[..., -1]).unsqueeze(-1)).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
 
 
+def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Exp(1) variates -log(1 - u), clamped away from 0."""
+    return (-torch.log(1 - u)).clamp_min(1e-20)
+
+
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """-log(E), E = -log(1 - u) an Exp(1) variate (clamped away from 0)."""
-    return -torch.log((-torch.log1p(-u)).clamp_min(1e-20))
+    """Gumbel variates -log(E), E = ``exponential_from_uniform(u)`` (the official -log(Exp(1)))."""
+    return -torch.log(exponential_from_uniform(u))
 
 
 def normal_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """Standard normal variates sqrt(2) erfinv(2u - 1) (u clamped into the open interval)."""
-    return math.sqrt(2.0) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-7, 1 - 1e-7))
+    """u (..., 2m) uniforms -> (..., m) standard normals (Box-Muller on the pairs (u[2i], u[2i+1]))."""
+    u1, u2 = u.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.sqrt(2 * exponential_from_uniform(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def area_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float32: row i averages inputs [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)) (the
+    official "area" interpolation, i.e. adaptive average pooling, along one axis)."""
+    a = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        a[i, lo:hi] = 1.0 / (hi - lo)
+    return a
 
 
 class HartConditionPiece(nn.Module):
@@ -75,20 +96,23 @@ class HartConditionPiece(nn.Module):
 
 
 class HartDiffusionPiece(nn.Module):
-    """The residual diffusion head as its own module: x (B', n, C) last-layer output at the last scale, codes
-    (B, n, Cvae) the sampled discrete codes, normals (B, n, steps + 1, Cvae), guidance (1,) -> residual (B, n, Cvae)."""
+    """The residual diffusion head as its own piece (last scale): x (B', n, C) last-layer output, hard (B, n, Cvae)
+    the drawn codebook entries, uniform (B, n, noise width) the scale's noise, cfg (1,) the CFG weight w (guidance
+    w - 1) -> residual (B, n, Cvae) float32."""
 
     def __init__(self, model: Hart):
         super().__init__()
         self.model = model
+        c = model.cfg
+        self.offset = 1 + (c.vocab_size if c.more_smooth else 0)
 
-    def forward(self, x, codes, normals, guidance):
-        B, n, Cv = codes.shape
-        hard = codes.repeat(x.shape[0] // B, 1, 1)
-        z = self.model.residual_condition(x, hard).reshape(-1, x.shape[-1])
+    def forward(self, x, hard, uniform, cfg):
+        B, n, Cv = hard.shape
+        normals = normal_from_uniform(uniform[..., self.offset:]).view(B, n, -1, Cv)
+        z = self.model.residual_condition(x, hard.repeat(x.shape[0] // B, 1, 1)).reshape(-1, x.shape[-1])
         z_c, z_u = (z[:B * n], z[B * n:]) if x.shape[0] > B else (z, None)
         noise = normals.permute(2, 0, 1, 3).reshape(normals.shape[2], B * n, Cv)
-        return self.model.diffloss.sample(z_c, z_u, noise, guidance).view(B, n, Cv)
+        return self.model.diffloss.sample(z_c, z_u, noise, cfg - 1).view(B, n, Cv)
 
 
 class HartHeadPiece(nn.Module):
@@ -96,9 +120,9 @@ class HartHeadPiece(nn.Module):
     (B', C), uniform (B, n, noise width), cfg (1,) the CFG weight w (logits w * cond - (w - 1) * uncond), tau (1,)
     unused (the official sampler has no temperature), top_p (1,) -> codes (B, n, Cvae) float32: the codebook entry
     of the drawn index (or, with ``more_smooth``, the Gumbel-softmax mixture of the codebook), plus at the last
-    scale the diffusion head's residual."""
+    scale the diffusion head's residual (``residual=False``: without it, and the hard codes as a second output)."""
 
-    def __init__(self, model: Hart, si: int):
+    def __init__(self, model: Hart, si: int, residual: bool = True):
         super().__init__()
         self.model, self.si = model, si
         c = model.cfg
@@ -107,32 +131,30 @@ class HartHeadPiece(nn.Module):
         self.ratio = min(si, self.S - 2) / (self.S - 1)
         self.smooth = c.more_smooth
         self.last = si == self.S - 1
-        self.diffusion = HartDiffusionPiece(model) if self.last else None
+        self.diffusion = HartDiffusionPiece(model) if self.last and residual else None
 
     def logits(self, x, cond):
         if self.si == 0:
             x = x[:, -1:]
         return self.model.logits(x, cond)
 
-    def sample(self, logits, uniform, cfg, tau, top_p, x=None):
+    def discrete(self, logits, uniform, cfg, top_p):
+        """-> codes (B, n, Cvae) (soft with ``more_smooth``), hard (B, n, Cvae) the drawn entries."""
         B = uniform.shape[0]
         lg = logits if logits.shape[0] == B else cfg * logits[:B] - (cfg - 1) * logits[B:]
         lg = filter_logits(lg, self.top_k, top_p)
         idx = categorical(lg, uniform[..., 0])
         emb = self.model.quantize.embedding.weight.float()
         hard = emb[idx]
-        if self.smooth:
-            tau_g = max(0.27 * (1 - self.ratio * 0.95), 0.005)
-            g = gumbel_from_uniform(uniform[..., 1:1 + self.V])
-            codes = ((lg * (1 + self.ratio) + g) / tau_g).softmax(dim=-1) @ emb
-        else:
-            codes = hard
-        if self.last:
-            off = 1 + (self.V if self.smooth else 0)
-            Cv = emb.shape[1]
-            normals = normal_from_uniform(uniform[..., off:]).view(B, uniform.shape[1], -1, Cv)
-            codes = codes + self.diffusion(x, hard, normals, cfg - 1)
-        return codes
+        if not self.smooth:
+            return hard, hard
+        tau_g = max(0.27 * (1 - self.ratio * 0.95), 0.005)
+        g = gumbel_from_uniform(uniform[..., 1:1 + self.V])
+        return ((lg * (1 + self.ratio) + g) / tau_g).softmax(dim=-1) @ emb, hard
+
+    def sample(self, logits, uniform, cfg, tau, top_p, x=None):
+        codes, hard = self.discrete(logits, uniform, cfg, top_p)
+        return codes + self.diffusion(x, hard, uniform, cfg) if self.diffusion is not None else codes
 
     def forward(self, x, cond, uniform, cfg, tau, top_p):
         return self.sample(self.logits(x, cond), uniform, cfg, tau, top_p, x=x)
@@ -145,6 +167,10 @@ class HartNextInputPiece(nn.Module):
     def __init__(self, model: Hart, schedule: list[tuple[int, int]], si: int):
         super().__init__()
         self.model, self.schedule, self.si = model, schedule, si
+        if si < len(schedule) - 1:
+            (H, W), (h, w) = schedule[-1], schedule[si + 1]
+            self.register_buffer("area_h", area_matrix(H, h), persistent=False)
+            self.register_buffer("area_w", area_matrix(W, w), persistent=False)
 
     def forward(self, bits: torch.Tensor, summed: torch.Tensor):
         h, w = self.schedule[self.si]
@@ -153,5 +179,5 @@ class HartNextInputPiece(nn.Module):
         summed = self.model.quantize.accumulate(summed, codes, self.si, len(self.schedule))
         if self.si == len(self.schedule) - 1:
             return (summed,)
-        nxt = torch.nn.functional.adaptive_avg_pool2d(summed, self.schedule[self.si + 1])
+        nxt = self.area_h @ summed @ self.area_w.T  # area resize to the next scale as two matrix products
         return summed, self.model.embed_scale(nxt.flatten(2).transpose(1, 2), self.si + 1)

@@ -109,10 +109,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           scale=C ** -0.5)
-        return x + self.proj_out(o.transpose(1, 2).reshape(B, C, H, W))
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).unbind(1)  # one head: (B, 1, C, HW)
+        o = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), scale=C ** -0.5)
+        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))
 
 
 class Upsample(nn.Module):

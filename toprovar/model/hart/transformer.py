@@ -246,11 +246,13 @@ class Hart(nn.Module):
         self._random_init()
 
     def _random_init(self) -> None:
-        """Random weights for tests and benchmarks (trained weights replace them): N(0, 0.02) matrices, unit norms,
-        a head scaled up so logits spread over the codes."""
+        """Random weights for tests and benchmarks (trained weights replace them): N(0, 1/fan_in) matrices (q/k
+        twice that std, so attention is not uniform and per-token entropies differ clearly), unit norms, a head
+        whose logits spread over the codes, a unit-variance codebook."""
         for name, p in self.named_parameters():
             if name.endswith("weight") and p.dim() >= 2:
-                nn.init.normal_(p, std=0.02 if "head." not in name else 0.2)
+                std = p.shape[1] ** -0.5 * (2.0 if "qkv_proj" in name else 1.0) * (0.25 if "down_proj" in name else 1)
+                nn.init.normal_(p, std=std)
             elif name.endswith("bias") or name.endswith("_bias"):
                 nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.quantize.embedding.weight, std=1.0)

@@ -18,6 +18,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import get_config
     calibration = args.calibration or get_config(args.model).packaged_calibration(args.weights)
     policy = make_policy(args.policy, str(calibration) if calibration else None)
+    from .pipeline import resolve_schedule
+    resolve_schedule(get_config(args.model), args.resolution, args.h_div_w)  # a bad --resolution before loading
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                          device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights)
     pipe.compile = args.compile

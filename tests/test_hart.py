@@ -171,7 +171,7 @@ def test_cli_generate_png_and_one_line_errors(tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)
     cases = [
         (["--model", "hart-tiny", "--resolution", "512"], "--resolution: hart-tiny generates only 32x32"),
-        (["--model", "hart-tiny", "--prompt", "x" * 40], "exceed"),
+        (["--model", "hart-tiny", "--prompt", "x" * 60], "exceed"),
         (["--model", "hart-0.7b"], "--text-encoder: model hart-0.7b needs a local Qwen2 directory"),
         (["--model", "hart-tiny", "--checkpoint", str(tmp_path / "none.bin")], "--checkpoint/--tokenizer"),
     ]
@@ -181,3 +181,14 @@ def test_cli_generate_png_and_one_line_errors(tmp_path, capsys):
         err = [e for e in capsys.readouterr().err.strip().splitlines() if not e.startswith("note: ")]
         assert len(err) == 1 and want in err[0], err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_calibration_on_hart(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\ntwo blue cats\n")
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--model", "hart-tiny", "--prompts", str(prompts), "-o", str(out)]) == 0
+    pol = make_policy("toprovar", str(out))
+    pipe = Pipeline.load("hart-tiny")
+    res = pipe.generate(["a red fox"], seed=2, progress=False, policy=pol)
+    assert torch.isfinite(res.images).all() and 0 < policy_report(res.trace, CFG)["relative_flops"] <= 1.0

@@ -136,7 +136,7 @@ CONFIGS: dict[str, ModelConfig] = {
     # tests and CI: the same architecture at a few layers, random weights, a tiny random Qwen2 text encoder; hard
     # codes (more_smooth off) so that backends agree code for code (Gumbel-softmax codes carry float differences)
     "hart-tiny": ModelConfig("hart-tiny", depth=3, width=64, num_heads=4, text_channels=48, codebook_dim=8,
-                             vae="hart-tiny", text_encoder="tiny-qwen2", text_maxlen=12, default_cfg=4.5,
+                             vae="hart-tiny", text_encoder="tiny-qwen2", text_maxlen=24, default_cfg=4.5,
                              default_tau=1.0, top_p=0.0, family="hart", patch_nums=(1, 2, 3, 4, 6, 8),
                              vocab_size=640, diff_width=32, diff_depth=2, diff_steps=8).validate(),
 }

@@ -37,9 +37,10 @@ def _unsupported(*_a, **_k):
 
 
 @contextlib.contextmanager
-def official_hart(repo: str | Path):
+def official_hart(repo: str | Path, cpu: bool = True):
     """Import the official ``hart`` package from ``repo`` with the shims installed; yields the module of
-    ``hart_transformer_t2i``. ``.cuda()`` is a no-op while inside. Everything is removed again afterwards."""
+    ``hart_transformer_t2i``. With ``cpu``, ``.cuda()`` is a no-op while inside (on a GPU machine pass False).
+    Everything is removed again afterwards."""
     repo = str(Path(repo).resolve())
     fused = types.ModuleType("hart_backend.fused_kernels")
     fused.rms_norm = _rms_norm
@@ -50,8 +51,9 @@ def official_hart(repo: str | Path):
     saved_mods = {k: sys.modules.get(k) for k in ("hart_backend", "hart_backend.fused_kernels")}
     sys.modules["hart_backend"], sys.modules["hart_backend.fused_kernels"] = backend, fused
     saved_cuda = (torch.Tensor.cuda, nn.Module.cuda)
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    nn.Module.cuda = lambda self, *a, **k: self
+    if cpu:
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        nn.Module.cuda = lambda self, *a, **k: self
     sys.path.insert(0, repo)
     try:
         yield importlib.import_module("hart.modules.models.transformer.hart_transformer_t2i")

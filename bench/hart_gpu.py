@@ -97,7 +97,7 @@ def ours(cfg, device, dtype, args, text, lengths):
                      "rel. FLOPs": rep["relative_flops"]})
         print(rows[-1], flush=True)
     pipe.release_graphs()
-    del pipe, model, dec
+    pipe._orchestrators.clear()  # free the workspaces before the official model is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows, detail

@@ -434,7 +434,11 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
                           max_batch_size=req.max_batch_size, min_tokens=min_tokens)
     notes = list(req.notes)
     model = load_model(req, cfg)
-    specs = P.model_specs(model, st, pol.piece.eval() if pol is not None else None)
+    if cfg.is_hart:
+        from .hart_specs import hart_model_specs as model_specs
+    else:
+        model_specs = P.model_specs
+    specs = model_specs(model, st, pol.piece.eval() if pol is not None else None)
     enc, vocab, te_info = load_text_encoder(req, cfg)
     if enc is not None:
         specs.insert(0, P.text_encoder_spec(enc, cfg, st, vocab))

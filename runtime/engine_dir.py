@@ -135,6 +135,14 @@ class EngineRuntime:
     def _piece_text_encoder(manifest, cfg: ModelConfig, be, t5: str | None, device: str):
         info = manifest.get("text_encoder") or {}
         max_length = int(info.get("max_length", cfg.text_maxlen))
+        if cfg.is_hart:  # the Qwen2 text path runs in PyTorch (not an export piece)
+            from toprovar.model.hart.text import qwen2_text_encoder, tiny_qwen2_encoder
+            if t5:
+                return qwen2_text_encoder(t5, cfg.text_maxlen, device=device)
+            if cfg.text_encoder == "tiny-qwen2":
+                return tiny_qwen2_encoder(cfg.text_channels, cfg.text_maxlen, seed=weights_seed(manifest) or 0
+                                          ).to(device)
+            return None
         if "text_encoder" not in manifest["pieces"]:
             if t5:
                 from toprovar.model.text import t5_text_encoder
@@ -173,7 +181,8 @@ class EngineRuntime:
                            dtype={"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16}[manifest["dtype"]],
                            seed=weights_seed(manifest) or 0,
-                           text_encoder=bool(t5) or cfg.text_encoder == "tiny" or bool(te_info.get("kind") == "tiny"))
+                           text_encoder=bool(t5) or cfg.text_encoder in ("tiny", "tiny-qwen2")
+                           or bool(te_info.get("kind") == "tiny"))
         for module in (parts.model, parts.decoder, parts.text_encoder):
             if module is not None and torch.device(device).type != "cpu":
                 module.to(device)

@@ -192,3 +192,11 @@ def test_calibration_on_hart(tmp_path):
     pipe = Pipeline.load("hart-tiny")
     res = pipe.generate(["a red fox"], seed=2, progress=False, policy=pol)
     assert torch.isfinite(res.images).all() and 0 < policy_report(res.trace, CFG)["relative_flops"] <= 1.0
+
+
+def test_engine_dir_cli_generates_from_a_prompt(exported, tmp_path, capsys):
+    """``toprovar generate --engine-dir`` on ONNX Runtime: the tiny Qwen2 text path runs in PyTorch."""
+    out = tmp_path / "ort.png"
+    assert main(["generate", "--engine-dir", str(exported), "--backend", "onnxruntime", "--device", "cpu",
+                 "--prompt", "a red fox", "-o", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (32, 32, 3)

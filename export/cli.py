@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .onnx_export import DEFAULT_OPSET, DTYPES
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=["tiny", "shapes", "infinity-2b", "infinity-8b"],
+    g.add_argument("--model", default="tiny",
+                   choices=["tiny", "shapes", "infinity-2b", "infinity-8b", "hart-0.7b", "hart-tiny"],
                    help="shapes loads its packaged trained weights (or --weights DIR)")
     g.add_argument("--weights", default=None, help="weights directory of a trained small model (model/vae/"
                                                      "text_encoder .safetensors, tools/train_small.py)")
     g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); default: random")
-    g.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors); default: random")
+    g.add_argument("--vae", "--tokenizer", dest="vae", default=None,
+                   help="VAE weights (official .pth or .safetensors); HART: the tokenizer; default: random")
     g.add_argument("--t5", default=None, help="local T5 directory for the text_encoder piece (real models; "
                                               "without it the piece is skipped, noted in the manifest)")
     g.add_argument("--weights-seed", type=seed_value, default=0, help="seed of the random weights (no checkpoint)")

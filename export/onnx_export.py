@@ -308,6 +308,9 @@ class ExportRequest:
 
 def vae_stride(cfg) -> int:
     """Pixels per transformer token side (VAE stride, x2 with spatial patchify)."""
+    if getattr(cfg, "is_hart", False):
+        from toprovar.model.families import token_stride
+        return token_stride(cfg)
     try:
         from toprovar.model import vae as vae_mod
         stride = vae_mod.VAE_CONFIGS[cfg.vae].stride
@@ -318,12 +321,25 @@ def vae_stride(cfg) -> int:
 
 def resolve_schedule(cfg, resolution: int | None, h_div_w: float) -> tuple[str, list[tuple[int, int]]]:
     from toprovar.schedule import get_schedule, preset_for_resolution
+    if getattr(cfg, "is_hart", False):
+        from toprovar.model.families import schedule_for
+        from toprovar.schedule import ScheduleError
+        try:
+            return "hart", schedule_for(cfg, resolution, h_div_w)
+        except ScheduleError as exc:
+            raise ExportError(str(exc)) from None
     preset = cfg.default_preset if resolution is None else preset_for_resolution(resolution, vae_stride(cfg), h_div_w)
     return preset, get_schedule(preset, h_div_w)
 
 
 def load_model(req: ExportRequest, cfg):
-    """The Infinity model exactly as ``Pipeline.load`` builds it (weights, inference dtype)."""
+    """The model exactly as ``Pipeline.load`` builds it (weights, inference dtype; HART: with the tokenizer's
+    codebook)."""
+    if getattr(cfg, "is_hart", False):
+        from toprovar.model.loading import load_parts
+        parts = load_parts(cfg.name, checkpoint=req.checkpoint, vae=req.vae, seed=req.weights_seed,
+                           dtype=DTYPES[req.dtype], text_encoder=False)
+        return parts.model.eval().requires_grad_(False)
     from toprovar.model.infinity import build_model
     net = build_model(cfg, seed=req.weights_seed, device="meta" if req.checkpoint else "cpu")
     if req.checkpoint:
@@ -337,6 +353,8 @@ def load_model(req: ExportRequest, cfg):
 def load_text_encoder(req: ExportRequest, cfg):
     """(encoder module, vocab size, info) or (None, 0, note) when a real model has no --t5 directory."""
     from toprovar.model.text import ByteTokenizer, t5_text_encoder, tiny_text_encoder
+    if getattr(cfg, "is_hart", False):  # the Qwen2 text encoder is not exported (runtime: features, or --t5)
+        return None, 0, None
     if req.t5:
         dt = torch.float32 if req.dtype == "float32" else torch.bfloat16  # T5 overflows in float16
         te = t5_text_encoder(req.t5, cfg.text_maxlen, dtype=dt)
@@ -354,6 +372,11 @@ def load_text_encoder(req: ExportRequest, cfg):
 
 def load_vae_decoder(req: ExportRequest, cfg):
     """(decoder, info) or (None, None) when ``toprovar.model.vae`` is not available."""
+    if getattr(cfg, "is_hart", False):
+        from toprovar.model import families
+        dec = (families.load_decoder(cfg, req.vae) if req.vae else families.build_decoder(cfg, seed=req.weights_seed))
+        return dec.eval().requires_grad_(False), {"name": cfg.vae, "source": req.vae or
+                                                  f"random (seed {req.weights_seed})", "stride": vae_stride(cfg)}
     try:
         from toprovar.model import vae as vae_mod
     except ImportError:
@@ -401,6 +424,12 @@ def _select(specs: list[PieceSpec], only: list[str] | None) -> list[PieceSpec]:
     return [s for s in specs if any(fnmatch.fnmatchcase(s.name, pat) for pat in only)]
 
 
+def _spec(cfg) -> dict:
+    """The manifest's ``spec``: the orchestrator's ``ModelSpec`` fields."""
+    from toprovar.runtime.orchestrator import ModelSpec
+    return dataclasses.asdict(ModelSpec.from_config(cfg))
+
+
 def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
     """The manifest header (everything but pieces/engines) and the piece specs to export."""
     from toprovar.config import get_config
@@ -425,13 +454,18 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
                           max_batch_size=req.max_batch_size, min_tokens=min_tokens)
     notes = list(req.notes)
     model = load_model(req, cfg)
-    specs = P.model_specs(model, st, pol.piece.eval() if pol is not None else None)
+    if cfg.is_hart:
+        from .hart_specs import hart_model_specs as model_specs
+    else:
+        model_specs = P.model_specs
+    specs = model_specs(model, st, pol.piece.eval() if pol is not None else None)
     enc, vocab, te_info = load_text_encoder(req, cfg)
     if enc is not None:
         specs.insert(0, P.text_encoder_spec(enc, cfg, st, vocab))
     else:
-        notes.append(f"text_encoder: not exported (model {cfg.name} uses {cfg.text_encoder}; pass --t5 DIR with a "
-                     f"local T5 directory); the runtime must be given text features")
+        notes.append(f"text_encoder: not exported (model {cfg.name} uses {cfg.text_encoder}"
+                     + ("; the Qwen2 text path is not an export piece" if cfg.is_hart else
+                        "; pass --t5 DIR with a local T5 directory") + "); the runtime must be given text features")
     dec, vae_info = load_vae_decoder(req, cfg)
     if dec is not None:
         specs.append(P.vae_decoder_spec(dec, cfg, st))
@@ -447,9 +481,7 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": dataclasses.asdict(cfg),
-        "spec": {"depth": cfg.depth, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "width": cfg.width,
-                 "token_bits": cfg.token_bits, "codebook_dim": cfg.codebook_dim,
-                 "spatial_patchify": cfg.spatial_patchify},
+        "spec": _spec(cfg),
         "random_weights": bool(random_parts),
         "random_parts": random_parts,
         "checkpoint": None if not req.checkpoint else {"file": Path(req.checkpoint).name},

@@ -268,7 +268,7 @@ def policy_spec(piece: nn.Module, st: ExportSettings, si: int) -> PieceSpec:
 
 def model_specs(model: Infinity, st: ExportSettings, policy_piece: nn.Module | None = None) -> list[PieceSpec]:
     """The transformer's pieces: condition(_cfg), every block (plain and _entropy), per scale head (CFG),
-    head_nocfg, next_input and (with ``policy_piece``) policy, in export order."""
+    head_nocfg, next_input and (with ``policy_piece``) policy, in export order (HART: ``hart_specs``)."""
     specs = [condition_spec(model, st, True), condition_spec(model, st, False)]
     for layer in range(model.cfg.depth):
         specs += [block_spec(model, st, layer, False), block_spec(model, st, layer, True)]

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from toprovar.config import ModelConfig, get_config
+from toprovar.model.families import default_cfg_list, ropes_for
 from toprovar.model.rope import rope_tables
 from toprovar.model.text import ByteTokenizer, tokenize_batch
 from toprovar.policy.base import Policy
@@ -52,7 +53,7 @@ def default_device() -> str:
 def model_config(manifest) -> ModelConfig:
     """The ModelConfig recorded in the manifest (validated)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    data = {k: v for k, v in manifest["model"].items() if k in fields}
+    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["model"].items() if k in fields}
     try:
         return ModelConfig(**data).validate()
     except TypeError as exc:
@@ -99,10 +100,11 @@ class EngineRuntime:
         if len(grid) != 2:
             from toprovar.schedule import rope_grid_side
             grid = rope_grid_side(self.schedule[-1][0] / self.schedule[-1][1])
-        ropes = rope_tables(cfg.head_dim, self.schedule, grid)
-        spec = ModelSpec(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, cfg.token_bits, cfg.codebook_dim,
-                         cfg.spatial_patchify)
-        self.orchestrator = Orchestrator(backend, spec, self.schedule, ropes)
+        if cfg.is_hart:
+            ropes = ropes_for(cfg, self.schedule)
+        else:
+            ropes = rope_tables(cfg.head_dim, self.schedule, grid)
+        self.orchestrator = Orchestrator(backend, ModelSpec.from_config(cfg), self.schedule, ropes)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -134,6 +136,14 @@ class EngineRuntime:
     def _piece_text_encoder(manifest, cfg: ModelConfig, be, t5: str | None, device: str):
         info = manifest.get("text_encoder") or {}
         max_length = int(info.get("max_length", cfg.text_maxlen))
+        if cfg.is_hart:  # the Qwen2 text path runs in PyTorch (not an export piece)
+            from toprovar.model.hart.text import qwen2_text_encoder, tiny_qwen2_encoder
+            if t5:
+                return qwen2_text_encoder(t5, cfg.text_maxlen, device=device)
+            if cfg.text_encoder == "tiny-qwen2":
+                return tiny_qwen2_encoder(cfg.text_channels, cfg.text_maxlen, seed=weights_seed(manifest) or 0
+                                          ).to(device)
+            return None
         if "text_encoder" not in manifest["pieces"]:
             if t5:
                 from toprovar.model.text import t5_text_encoder
@@ -176,7 +186,8 @@ class EngineRuntime:
                            dtype={"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16}[manifest["dtype"]],
                            seed=weights_seed(manifest) or 0,
-                           text_encoder=bool(t5) or cfg.text_encoder == "tiny" or bool(te_info.get("kind") == "tiny"))
+                           text_encoder=bool(t5) or cfg.text_encoder in ("tiny", "tiny-qwen2")
+                           or bool(te_info.get("kind") == "tiny"))
         for module in (parts.model, parts.decoder, parts.text_encoder):
             if module is not None and torch.device(device).type != "cpu":
                 module.to(device)
@@ -248,7 +259,7 @@ class EngineRuntime:
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
         c = self.cfg
-        cfg = c.default_cfg if cfg is None else cfg
+        cfg = default_cfg_list(c, c.default_cfg if cfg is None else cfg, len(self.schedule))
         tau = c.default_tau if tau is None else tau
         top_p = c.top_p if top_p is None else top_p
         check_sampling(cfg, tau, top_p, len(self.schedule))

@@ -66,6 +66,21 @@ class ModelSpec:
     token_bits: int
     codebook_dim: int
     spatial_patchify: bool
+    # sampling uniforms per token at each scale when they differ from token_bits (HART: categorical draw, Gumbel
+    # and diffusion noise; the head's output is token_bits wide)
+    noise_widths: tuple[int, ...] | None = None
+
+    def noise_width(self, si: int) -> int:
+        return self.token_bits if self.noise_widths is None else int(self.noise_widths[si])
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        """The orchestrator's view of a ``ModelConfig`` (HART: token_bits = the codebook width Cvae, the head's
+        output per token; its sampling noise per scale from the family)."""
+        from toprovar.model.families import noise_widths
+        bits = cfg.codebook_dim if cfg.is_hart else cfg.token_bits
+        return cls(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, bits, cfg.codebook_dim, cfg.spatial_patchify,
+                   noise_widths(cfg, len(cfg.patch_nums)))
 
 
 @dataclass
@@ -124,23 +139,28 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
     return vals[:n]
 
 
-def uniform_noise(gen: torch.Generator | Sequence[torch.Generator], batch: int, counts: Sequence[int], bits: int,
+def uniform_noise(gen: torch.Generator | Sequence[torch.Generator], batch: int, counts: Sequence[int],
+                  bits: int | Sequence[int],
                   device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
     stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
     from pageable memory synchronises the stream, so a copy per scale would stall the launch queue.
     ``gen``: one generator per row (row b's noise depends on its own generator only: a request's image does
     not depend on its batch-mates), or one generator drawing (B, n_s, bits) per scale.
-    ``out``: a flat float32 device buffer of B * sum(counts) * bits elements to copy into (stable address)."""
+    ``out``: a flat float32 device buffer of B * sum(counts * bits) elements to copy into (stable address).
+    ``bits``: one width for every scale or one per scale (HART)."""
+    widths = [bits] * len(counts) if isinstance(bits, int) else list(bits)
     if isinstance(gen, torch.Generator):
-        parts = [torch.rand(batch, n, bits, generator=gen).reshape(-1) for n in counts]
+        parts = [torch.rand(batch, n, b, generator=gen).reshape(-1) for n, b in zip(counts, widths)]
     else:
         if len(gen) != batch:
             raise ValueError(f"{len(gen)} generators for a batch of {batch}")
-        parts = [torch.cat([torch.rand(1, n, bits, generator=g) for g in gen]).reshape(-1) for n in counts]
+        parts = [torch.cat([torch.rand(1, n, b, generator=g) for g in gen]).reshape(-1)
+                 for n, b in zip(counts, widths)]
     flat = torch.cat(parts)
     flat = flat.to(device) if out is None else out.copy_(flat)
-    return [t.view(batch, n, bits) for t, n in zip(flat.split([batch * n * bits for n in counts]), counts)]
+    return [t.view(batch, n, b) for t, n, b in
+            zip(flat.split([batch * n * b for n, b in zip(counts, widths)]), counts, widths)]
 
 
 def row_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
@@ -276,8 +296,9 @@ class Orchestrator:
         # noise of every scale and the per-scale scalars: one host-to-device copy each, into stable buffers
         # (a pageable copy synchronises the stream; stable addresses let scale graphs read them)
         counts = [h * w for h, w in self.schedule]
-        st.noise = uniform_noise(gens, B, counts, sp.token_bits, dev,
-                                 out=self.ws.view("noise", (B * sum(counts) * sp.token_bits,), torch.float32))
+        widths = [sp.noise_width(si) for si in range(S)]
+        st.noise = uniform_noise(gens, B, counts, widths, dev, out=self.ws.view(
+            "noise", (B * sum(n * b for n, b in zip(counts, widths)),), torch.float32))
         G = len(group_cfgs)
         scalars = self.ws.view("scalars", (G * S + S + 1,), torch.float32)
         scalars.copy_(torch.tensor(sum(group_cfgs, []) + taus + [float(top_p)], dtype=torch.float32))
@@ -336,8 +357,10 @@ class Orchestrator:
         gathers, summed codes, sampled bits) -> the state before scale 0."""
         sp, dev, dt = self.spec, self.backend.device, self.backend.dtype
         Bp = x0.shape[0]
-        total = sum(h * w for h, w in self.schedule)
-        n_max = max(h * w for h, w in self.schedule)
+        # scale 0 runs x0's tokens (Infinity: the one start token; HART: the text's context tokens)
+        n0 = x0.shape[1] - self.schedule[0][0] * self.schedule[0][1]
+        total = sum(h * w for h, w in self.schedule) + n0
+        n_max = max(max(h * w for h, w in self.schedule), x0.shape[1])
         shape = (Bp, total, sp.num_heads, sp.head_dim)  # token-major: the layout of a block's new k/v
         fh, fw = self.schedule[-1]
         f = 2 if sp.spatial_patchify else 1
@@ -379,7 +402,8 @@ class Orchestrator:
             st.Bp, st.x, st.cond, st.ada, st.ca_kv, st.ca_len = (B, st.x[:B], st.cond[:B], st.ada[:B],
                                                                   st.ca_kv[:B], st.ca_len[:B])
         Bp, x, ada, ca_kv, ca_len = st.Bp, st.x, st.ada, st.ca_kv, st.ca_len
-        rope = self.ropes[si]
+        n_out, n = n, x.shape[1]  # tokens sampled / run through the blocks (HART's scale 0: the context tokens)
+        rope = self.ropes[si] if self.ropes[si].shape[1] == n else self.ropes[si][:, :n]
         trace.tokens[si], trace.kept[si], trace.cfg_batch[si] = n, [], Bp > B
         lap(si, "other")
         for layer in range(sp.depth):
@@ -456,12 +480,12 @@ class Orchestrator:
                 policy.observe(si, layer, ent, idx)
                 lap(si, "policy")
         lap(si, "sampling")
-        dst = st.bits_all[:, st.off:st.off + n]
+        dst = st.bits_all[:, st.off:st.off + n_out]
         tau_t = st.tau_t[si:si + 1]
         if not st.groups:  # one CFG setting for every row
             bits = self._head(si, x, st.cond, st.noise[si], st.cfg_t[0, si:si + 1], tau_t, st, split_head, lap)
         else:  # the head on each CFG setting's rows
-            bits = self.ws.view("bits_rows", (B, n, sp.token_bits), torch.float32)
+            bits = self.ws.view("bits_rows", (B, n_out, sp.token_bits), torch.float32)
             for g, (_, rows, cfg_rows) in enumerate(st.groups):
                 xr = cfg_rows if Bp > B else rows
                 bits.index_copy_(0, rows, self._head(si, x.index_select(0, xr), st.cond.index_select(0, xr),
@@ -469,7 +493,7 @@ class Orchestrator:
                                                      tau_t, st, split_head, lap))
         dst.copy_(bits)
         st.bits_out.append(dst)
-        st.off += n
+        st.off += n_out
         lap(si, "sampling")
         summed_new, x_next = be.next_input(si, bits, st.summed)
         if owns:

@@ -31,7 +31,7 @@ class PieceError(ValueError):
 
 def piece_kind(name: str) -> str:
     """Buffer family of a piece: every block shares one set of output buffers, every head another, ..."""
-    for prefix in ("block_", "head_s", "next_input_s", "policy_s", "condition"):
+    for prefix in ("block_", "head_s", "next_input_s", "policy_s", "condition", "diffusion_head"):
         if name.startswith(prefix):
             return prefix.rstrip("_s").rstrip("_")
     return name
@@ -182,9 +182,14 @@ class PieceBackend:
         return out["x_out"], out["k"], out["v"], (out["entropy"] if entropy else None)
 
     def head(self, si, x, cond, uniform, cfg, tau, top_p):
-        name = f"head_s{si:02d}" + ("_nocfg" if x.shape[0] == uniform.shape[0] else "")
-        return self.run_piece(name, {"x": x, "cond": cond, "uniform": uniform, "cfg": cfg, "tau": tau,
-                                     "top_p": top_p})["bits"]
+        suffix = "_nocfg" if x.shape[0] == uniform.shape[0] else ""
+        out = self.run_piece(f"head_s{si:02d}{suffix}", {"x": x, "cond": cond, "uniform": uniform, "cfg": cfg,
+                                                          "tau": tau, "top_p": top_p})
+        if "hard" in out and self.has("diffusion_head" + suffix):  # HART's last scale: + the residual diffusion head
+            res = self.run_piece("diffusion_head" + suffix, {"x": x, "hard": out["hard"], "uniform": uniform,
+                                                            "cfg": cfg})["residual"]
+            return out["bits"] + res
+        return out["bits"]
 
     def next_input(self, si, bits, summed):
         out = self.run_piece(f"next_input_s{si:02d}", {"bits": bits, "summed": summed})

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from toprovar.model.infinity import Infinity
-from toprovar.model.pieces import CachedBlockPiece, ConditionPiece, HeadPiece, NextInputPiece
-from toprovar.sampling import sample_bits
+from toprovar.model import families
+from toprovar.model.pieces import CachedBlockPiece
 from .buffers import Workspace
 
 
@@ -33,12 +32,14 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Infinity, decoder: torch.nn.Module, schedule: list[tuple[int, int]],
+    def __init__(self, model: torch.nn.Module, decoder: torch.nn.Module, schedule: list[tuple[int, int]],
                  cuda_graphs: bool = False, compile: bool = False):
+        """model: a family's transformer (``toprovar.model.families``: Infinity or HART); its pieces come from
+        the family."""
         self.model, self.decoder = model, decoder
         self.device = model.word_embed.weight.device
         self.dtype = model.compute_dtype
-        self.cond_pieces = {c: ConditionPiece(model, c) for c in (False, True)}
+        self.cond_pieces = {c: families.condition_piece(model, c) for c in (False, True)}
         self._decode = decoder
         self.compiled = compile
         if compile:
@@ -47,8 +48,9 @@ class TorchBackend:
             self._decode = _compiled(decoder, dynamic=False)
         else:
             self.blocks = [CachedBlockPiece(b) for b in model.blocks]
-        self.head_piece = HeadPiece(model)
-        self.next_pieces = [NextInputPiece(model, schedule, si) for si in range(len(schedule))]
+        self.head_pieces = [families.head_piece(model, schedule, si) for si in range(len(schedule))]
+        self.next_pieces = [families.next_input_piece(model, schedule, si) for si in range(len(schedule))]
+        self._head_x = None
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.capture_scales = self.cuda_graphs  # the orchestrator may capture whole scales (scale_graphs)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -120,14 +122,16 @@ class TorchBackend:
         return had
 
     def head(self, si, x, cond, uniform, cfg, tau, top_p):
-        return self.head_piece(x, cond, uniform, cfg, tau, top_p)
+        return self.head_pieces[si](x, cond, uniform, cfg, tau, top_p)
 
-    # The head piece in two calls (same ops as HeadPiece.forward): profiled runs time logits and sampling apart.
+    # The head piece in two calls (same ops as its forward): profiled runs time logits and sampling apart.
     def head_logits(self, si, x, cond):
-        return self.model.logits(x, cond)
+        self._head_x = x  # HART's last-scale sampling (its diffusion head) reads the last layer's output
+        return self.head_pieces[si].logits(x, cond)
 
     def head_sample(self, si, logits, uniform, cfg, tau, top_p):
-        return sample_bits(logits, uniform, cfg, tau, top_p, self.head_piece.top_k)
+        x, self._head_x = self._head_x, None
+        return self.head_pieces[si].sample(logits, uniform, cfg, tau, top_p, x=x)
 
     def next_input(self, si, bits, summed):
         out = self.next_pieces[si](bits, summed)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from toprovar.cli import main
+from toprovar.config import CONFIGS
 from toprovar.model.text import PromptTooLongError
 from toprovar.images import to_uint8
 from toprovar.pipeline import Pipeline
@@ -61,7 +62,8 @@ def test_errors_are_single_lines(pipe, capsys):
         pipe.generate(["x"], resolution=100, progress=False)
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["toprovar: error: --model: unknown model 'nope'; choose from ['infinity-2b', 'infinity-8b', 'shapes', 'tiny']"]
+    assert err == [f"toprovar: error: --model: unknown model 'nope'; choose from {sorted(CONFIGS)}"]
+    assert {"infinity-2b", "infinity-8b", "shapes", "tiny", "hart-0.7b", "hart-tiny"} <= set(CONFIGS)
 
 
 def test_to_uint8_range():

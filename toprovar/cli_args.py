@@ -128,13 +128,16 @@ def check_device(name: str) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model and weights to load, and where (shared by ``generate`` and ``calibrate``)."""
     p.add_argument("--model", default="shapes",
-                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
+                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b | "
+                        "hart-0.7b | hart-tiny (random)")
     p.add_argument("--weights", default=None, help="weights directory of a trained small model "
                    "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
     p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); with shapes the "
                    "VAE and text encoder still come from its weights directory")
-    p.add_argument("--vae", default=None, help="VAE weights (official .pth or .safetensors)")
-    p.add_argument("--t5", default=None, help="local flan-t5-xl directory")
+    p.add_argument("--vae", "--tokenizer", dest="vae", default=None,
+                   help="VAE weights (official .pth or .safetensors); HART: the tokenizer (file or directory)")
+    p.add_argument("--t5", "--text-encoder", dest="t5", default=None,
+                   help="local flan-t5-xl directory; HART: the local Qwen2 directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--keep-fp32-params", action="store_true",

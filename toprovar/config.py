@@ -1,4 +1,6 @@
-"""Model configurations: the official Infinity-2B / Infinity-8B and the project's tiny model."""
+"""Model configurations of every family in one registry: the official Infinity-2B / Infinity-8B, the project's
+tiny and shapes models (family ``infinity``), the released HART-0.7B 1024px and a tiny random HART (family
+``hart``, ``toprovar/model/hart/``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +32,16 @@ class ModelConfig:
     top_p: float = 0.97
     random_weights_label: str = ""
     weights: str = ""
+    # ---- family ``hart`` only (mit-han-lab/hart ``HARTForT2IConfig``; unused by ``infinity``):
+    # text_maxlen = context_token (the text is padded to it), text_channels = context_dim, codebook_dim = Cvae,
+    # vae = the hybrid tokenizer's name; vocab_size = codebook entries (discrete head outputs)
+    family: str = "infinity"
+    patch_nums: tuple[int, ...] = ()
+    vocab_size: int = 0
+    diff_width: int = 0  # residual diffusion MLP width / depth / sampling steps (iDDPM, cosine schedule)
+    diff_depth: int = 0
+    diff_steps: int = 0
+    more_smooth: bool = False  # official sample.py default True: Gumbel-softmax soft codes at every scale
 
     @property
     def weights_dir(self):
@@ -64,11 +76,17 @@ class ModelConfig:
         return d / "calibration.json" if d is not None and (d / "calibration.json").is_file() else None
 
     @property
+    def is_hart(self) -> bool:
+        return self.family == "hart"
+
+    @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
 
     @property
     def mlp_hidden(self) -> int:
+        if self.is_hart:  # llama MLP, ratio 4 -> 8/3, rounded up to 256 (official AdaLNSelfAttn)
+            return int((self.width * 4.0 * 2) / 3 + 255) // 256 * 256
         return round(self.width * 4 / 256) * 256
 
     @property
@@ -87,6 +105,13 @@ class ModelConfig:
                 raise ValueError(f"config {self.name}: {key} must be a positive integer, got {v!r}")
         if self.width % self.num_heads:
             raise ValueError(f"config {self.name}: width {self.width} not divisible by num_heads {self.num_heads}")
+        if self.family not in ("infinity", "hart"):
+            raise ValueError(f"config {self.name}: unknown family {self.family!r}")
+        if self.is_hart:
+            if self.head_dim % 4 or not self.patch_nums or self.vocab_size < 2 or self.diff_steps < 1:
+                raise ValueError(f"config {self.name}: a HART config needs head_dim % 4 == 0, patch_nums, "
+                                 f"vocab_size and diff_steps")
+            return self
         if self.depth % self.block_chunks:
             raise ValueError(f"config {self.name}: depth {self.depth} not divisible by block_chunks {self.block_chunks}")
         if self.head_dim % 4:
@@ -115,6 +140,19 @@ CONFIGS: dict[str, ModelConfig] = {
     "shapes": ModelConfig("shapes", depth=8, width=192, num_heads=3, text_channels=128, codebook_dim=16,
                           vae="shapes", text_encoder="tiny", text_maxlen=64, block_chunks=4,
                           default_preset="0.06M", default_cfg=3.0, default_tau=1.0, weights="shapes").validate(),
+    # mit-han-lab/hart-0.7b-1024px (HARTForT2IConfig as released: llama blocks without AdaLN, 2D RoPE, 300 Qwen2
+    # context tokens of width 1536, 14 scales to 64x64, 37M-parameter residual diffusion MLP, 8 iDDPM steps)
+    "hart-0.7b": ModelConfig("hart-0.7b", depth=24, width=1536, num_heads=24, text_channels=1536, codebook_dim=32,
+                             vae="hart-1024", text_encoder="qwen2", text_maxlen=300, default_cfg=4.5,
+                             default_tau=1.0, top_p=0.0, family="hart",
+                             patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), vocab_size=4096,
+                             diff_width=1024, diff_depth=6, diff_steps=8, more_smooth=True).validate(),
+    # tests and CI: the same architecture at a few layers, random weights, a tiny random Qwen2 text encoder; hard
+    # codes (more_smooth off) so that backends agree code for code (Gumbel-softmax codes carry float differences)
+    "hart-tiny": ModelConfig("hart-tiny", depth=3, width=64, num_heads=4, text_channels=48, codebook_dim=8,
+                             vae="hart-tiny", text_encoder="tiny-qwen2", text_maxlen=24, default_cfg=4.5,
+                             default_tau=1.0, top_p=0.0, family="hart", patch_nums=(1, 2, 3, 4, 6, 8),
+                             vocab_size=640, diff_width=32, diff_depth=2, diff_steps=8).validate(),
 }
 
 

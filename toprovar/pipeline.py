@@ -9,40 +9,35 @@ import torch
 
 from .config import ModelConfig
 from .images import to_uint8
-from .model import vae as vae_mod
-from .model.infinity import Infinity
+from .model import families
 from .model.loading import load_parts
-from .model.rope import rope_tables
 from .model.text import TextEncoder
 from .policy.base import Policy
 from .runtime.orchestrator import GenerationResult, ModelSpec, Orchestrator
 from .runtime.torch_backend import TorchBackend
 from .sampling import check_sampling
-from .schedule import get_schedule, preset_for_resolution, rope_grid_side
 
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """The orchestrator's view of a model configuration."""
-    return ModelSpec(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, cfg.token_bits, cfg.codebook_dim,
-                     cfg.spatial_patchify)
+    return ModelSpec.from_config(cfg)
 
 
 def resolve_schedule(cfg: ModelConfig, resolution: int | None, h_div_w: float) -> list[tuple[int, int]]:
     """The scale schedule for ``resolution`` pixels (longer side) or the model's default preset."""
-    preset = cfg.default_preset if resolution is None else preset_for_resolution(resolution, vae_stride(cfg), h_div_w)
-    return get_schedule(preset, h_div_w)
+    return families.schedule_for(cfg, resolution, h_div_w)
 
 
 def vae_stride(cfg: ModelConfig) -> int:
     """Pixels per transformer token side (VAE stride, x2 with spatial patchify)."""
-    return vae_mod.VAE_CONFIGS[cfg.vae].token_stride
+    return families.token_stride(cfg)
 
 
 @dataclass
 class Pipeline:
     """Everything generation needs, in PyTorch."""
     cfg: ModelConfig
-    model: Infinity
+    model: torch.nn.Module  # a family's transformer (Infinity, HART)
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
     random_parts: list[str]  # parts with random (seeded) weights (see ``ModelParts``)
@@ -65,7 +60,7 @@ class Pipeline:
         """The orchestrator of a schedule, kept so its buffers (and CUDA graphs) serve later calls."""
         key = tuple(schedule)
         if key not in self._orchestrators:
-            ropes = rope_tables(self.cfg.head_dim, schedule, rope_grid_side(schedule[-1][0] / schedule[-1][1]))
+            ropes = families.ropes_for(self.cfg, schedule)
             backend = TorchBackend(self.model, self.decoder, schedule, cuda_graphs=self.cuda_graphs,
                                    compile=self.compile)
             self._orchestrators[key] = Orchestrator(backend, model_spec(self.cfg), schedule, ropes)
@@ -98,7 +93,7 @@ class Pipeline:
         if text.shape[-1] != self.cfg.text_channels:
             raise ValueError(f"text features: expected {self.cfg.text_channels} channels, got {text.shape[-1]}")
         schedule = resolve_schedule(self.cfg, resolution, h_div_w)
-        cfg = self.cfg.default_cfg if cfg is None else cfg
+        cfg = families.default_cfg_list(self.cfg, self.cfg.default_cfg if cfg is None else cfg, len(schedule))
         tau = self.cfg.default_tau if tau is None else tau
         top_p = self.cfg.top_p if top_p is None else top_p
         check_sampling(cfg, tau, top_p, len(schedule))

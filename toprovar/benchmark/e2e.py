@@ -101,7 +101,8 @@ def build_policy(name: str, depth: int, calibration: str | None, num_scales: int
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="infinity-2b", help="tiny | infinity-2b | infinity-8b (random weights)")
+    p.add_argument("--model", default="infinity-2b",
+                   help="tiny | infinity-2b | infinity-8b | hart-tiny | hart-0.7b (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on the CPU")
@@ -160,12 +161,14 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
     resolution = max(schedule[-1]) * vae_stride(cfg)
     S = len(schedule)
     g = torch.Generator().manual_seed(0)
-    text = torch.randn(1, 32, cfg.text_channels, generator=g).to(device)
-    lengths = torch.tensor([32], dtype=torch.int32, device=device)
+    n_text = cfg.text_maxlen if cfg.is_hart else 32  # HART: its context is always padded to text_maxlen
+    text = torch.randn(1, n_text, cfg.text_channels, generator=g).to(device)
+    lengths = torch.tensor([min(32, n_text)], dtype=torch.int32, device=device)
+    cfg_scale = cfg.default_cfg if cfg.is_hart else 3.0
     clock = timing_method(device)
 
     def gen(policy, profile=False):
-        return pipe.generate_from_features(text, lengths, seed=1, resolution=resolution, cfg=3.0, tau=0.5,
+        return pipe.generate_from_features(text, lengths, seed=1, resolution=resolution, cfg=cfg_scale, tau=0.5,
                                            policy=policy, profile=profile, progress=False)
 
     def timed(fn):
@@ -212,7 +215,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
                      "overhead %": 100 * run.get("policy_overhead_ms", 0.0) / ms})
         print(json.dumps(rows[-1]), flush=True)
     payload = {"model": args.model, "resolution": resolution, "dtype": dtype_name, "batch": 1,
-               "cfg": 3.0, "cuda_graphs": pipe.cuda_graphs and device.type == "cuda",
+               "cfg": cfg_scale, "cuda_graphs": pipe.cuda_graphs and device.type == "cuda",
                "compile": pipe.compile, "scale_graphs": pipe.cuda_graphs and device.type == "cuda",
                "device": str(device),
                "timing": clock, "warmup": args.warmup, "peak_tflops": args.peak_tflops,

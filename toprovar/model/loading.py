@@ -7,8 +7,7 @@ import torch
 
 from ..config import ModelConfig, get_config
 from ..inputs import file_problem
-from . import vae as vae_mod
-from .infinity import Infinity, build_model
+from . import families
 from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
 
 
@@ -16,7 +15,7 @@ from .text import TextEncoder, t5_text_encoder, tiny_text_encoder
 class ModelParts:
     """The transformer, the VAE decoder and the text encoder (None: generate from features) of one model."""
     cfg: ModelConfig
-    model: Infinity
+    model: torch.nn.Module  # Infinity or HART (``toprovar.model.families``)
     decoder: torch.nn.Module
     text_encoder: TextEncoder | None
     random_parts: list[str]  # parts with random (seeded) weights: "transformer", "VAE", "text encoder"
@@ -36,6 +35,7 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     ``weights`` names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written
     by tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
     keep_fp32_params: see ``Infinity.to_inference_dtype`` (a non-float32 ``dtype`` only).
+    HART: ``vae`` is the tokenizer checkpoint (decoder and codebook), ``t5`` the Qwen2 text encoder directory.
     """
     cfg = get_config(model)
     files = cfg.weight_files(weights, checkpoint)
@@ -46,8 +46,19 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
         problem = path and file_problem(path)
         if problem:
             raise FileNotFoundError(f"{arg}: {path}: {problem}")
+    if cfg.is_hart and bool(checkpoint) != bool(vae):
+        raise ValueError(f"--checkpoint/--tokenizer: {cfg.name} needs both the transformer and the tokenizer "
+                         f"checkpoint (the codebook lives in the tokenizer), or neither (random weights)")
     if not text_encoder:
         te = None
+    elif cfg.is_hart:
+        from .hart.text import qwen2_text_encoder, tiny_qwen2_encoder
+        if t5:
+            te = qwen2_text_encoder(t5, cfg.text_maxlen, device=device)
+        elif cfg.text_encoder == "tiny-qwen2":
+            te = tiny_qwen2_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed).to(device)
+        else:
+            raise ValueError(f"--text-encoder: model {cfg.name} needs a local Qwen2 directory (--text-encoder DIR)")
     elif t5:
         te = t5_text_encoder(t5, cfg.text_maxlen, device=device)
     elif cfg.text_encoder == "tiny":
@@ -55,14 +66,14 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     else:
         raise ValueError(f"--t5: model {cfg.name} needs a local flan-t5-xl directory (--t5 DIR)")
     # random weights are drawn on the CPU so a seed gives the same model on every device
-    net = build_model(cfg, seed=seed, device="meta" if checkpoint else "cpu")
+    net = families.build_model(cfg, seed=seed, device="cpu" if cfg.is_hart or not checkpoint else "meta")
     if checkpoint:
-        net = net.to_empty(device="cpu")
+        net = net.to_empty(device="cpu") if not cfg.is_hart else net
         net.load_checkpoint(checkpoint)
+    dec = families.load_decoder(cfg, vae, net) if vae else families.build_decoder(cfg, seed=seed)
     if dtype != torch.float32:
         net.to_inference_dtype(dtype, keep_fp32_params)
     net = net.to(device)
-    dec = vae_mod.load_vae_decoder(vae, cfg.vae) if vae else vae_mod.build_decoder(cfg.vae, seed=seed)
     dec = dec.to(device).eval().requires_grad_(False)
     random_parts = [name for name, given in (("transformer", checkpoint), ("VAE", vae),
                                              ("text encoder", te is None or t5 or text_weights)) if not given]

@@ -81,8 +81,15 @@ class HeadPiece(nn.Module):
         super().__init__()
         self.model, self.top_k = model, top_k
 
+    def logits(self, x, cond):
+        return self.model.logits(x, cond)
+
+    def sample(self, logits, uniform, cfg, tau, top_p, x=None):
+        """The sampling half of ``forward`` (``x`` unused: HART's last-scale head needs it)."""
+        return sample_bits(logits, uniform, cfg, tau, top_p, self.top_k)
+
     def forward(self, x, cond, uniform, cfg, tau, top_p):
-        return sample_bits(self.model.logits(x, cond), uniform, cfg, tau, top_p, self.top_k)
+        return self.sample(self.logits(x, cond), uniform, cfg, tau, top_p)
 
 
 class NextInputPiece(nn.Module):

@@ -60,7 +60,6 @@ class FastVARBlock:
     @staticmethod
     def run(block: CrossAttnBlock, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, hw: tuple[int, int],
             ratio: float = 0.0, cache: tuple[dict, tuple[int, int]] | None = None, store: dict | None = None):
-        g1, g2, s1, s2, b1, b2 = block.modulation(ada)
         prune = ratio > 0.0
         if prune and cache is None:
             raise ValueError("fastvar: a pruned scale needs the cache scale's branch outputs (cache_scale)")
@@ -77,6 +76,11 @@ class FastVARBlock:
             return restore_branch(out, idx, cache[0][name][: xin.shape[0]], cache[1], hw)
 
         kv: dict = {}
+        if hasattr(block, "branches"):  # another family's block (HART) lists its own sub-layers
+            for name, fn in block.branches(ada, rope, past_k, past_v, kv):
+                x = x + branch(name, x, fn)
+            return x, kv["k"], kv["v"]
+        g1, g2, s1, s2, b1, b2 = block.modulation(ada)
 
         def sa(t, idx):
             h = layer_norm(t, block.eps) * (s1 + 1) + b1

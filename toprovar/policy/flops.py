@@ -18,9 +18,15 @@ from typing import Any
 from .base import PolicyTrace
 
 
-def block_flops(n: int, past: int, width: int, mlp_hidden: int, text_len: int, rows: int = 1) -> dict[str, int]:
-    """FLOPs of one block on n tokens with a cache of ``past`` keys, by part (times ``rows``)."""
+def block_flops(n: int, past: int, width: int, mlp_hidden: int, text_len: int, rows: int = 1,
+                family: str = "infinity") -> dict[str, int]:
+    """FLOPs of one block on n tokens with a cache of ``past`` keys, by part (times ``rows``). HART: no
+    cross-attention, a gated (3-matrix) MLP."""
     C, F, L = width, mlp_hidden, text_len
+    if family == "hart":
+        parts = {"sa_qkv": 2 * n * C * 3 * C, "sa_attn": 4 * n * (past + n) * C, "sa_proj": 2 * n * C * C,
+                 "ffn": 6 * n * C * F}
+        return {k: v * rows for k, v in parts.items()}
     parts = {
         "sa_qkv": 2 * n * C * 3 * C,
         "sa_attn": 4 * n * (past + n) * C,
@@ -43,10 +49,20 @@ def _dims(model: Any) -> tuple[int, int, int, int]:
     return model.depth, model.width, model.mlp_hidden, model.token_bits
 
 
+def hart_residual_flops(n: int, model: Any, rows: int = 1) -> int:
+    """FLOPs of HART's diffusion head at the last scale: ``diff_steps`` MLP passes on n tokens per row."""
+    W, C, Cv = model.diff_width, model.width, model.codebook_dim
+    per = 2 * Cv * W + 2 * C * W + 2 * (256 * W + W * W) + model.diff_depth * (6 * W * W + 4 * W * W) \
+        + 4 * W * W + 4 * W * Cv
+    return rows * n * model.diff_steps * per
+
+
 def trace_flops(trace: PolicyTrace, model: Any) -> dict[int, int]:
     """FLOPs per scale that ran, from the kept counts of a trace. ``model``: a ModelConfig (or any object
-    with depth, width, mlp_hidden, token_bits)."""
+    with depth, width, mlp_hidden, token_bits; HART configs also count their head over the codebook and, at the
+    last scale, the diffusion head)."""
     depth, C, F, bits = _dims(model)
+    family = getattr(model, "family", "infinity")
     past = [0] * depth
     out = {}
     for si in sorted(trace.kept):
@@ -54,9 +70,15 @@ def trace_flops(trace: PolicyTrace, model: Any) -> dict[int, int]:
         total = 0
         for layer, m in enumerate(trace.kept[si]):
             if m:
-                total += sum(block_flops(m, past[layer], C, F, trace.text_len, rows).values())
+                total += sum(block_flops(m, past[layer], C, F, trace.text_len, rows, family).values())
             past[layer] += m
-        total += head_flops(trace.tokens[si], C, bits, rows)
+        h, w = trace.schedule[si] if trace.schedule else (1, 1)
+        if family == "hart":  # the head draws from the codebook (V logits) for the h*w sampled tokens
+            total += rows * (2 * C * 2 * C + 2 * h * w * C * model.vocab_size)
+            if si == len(trace.schedule) - 1:
+                total += hart_residual_flops(h * w, model, rows)
+        else:
+            total += head_flops(trace.tokens[si], C, bits, rows)
         out[si] = total
     return out
 
@@ -66,7 +88,8 @@ def unpruned_flops(schedule: list[tuple[int, int]], model: Any, batch: int, cfg:
     depth, *_ = _dims(model)
     full = PolicyTrace(schedule=list(schedule), batch=batch, cfg=cfg, text_len=text_len)
     for si, (h, w) in enumerate(schedule):
-        full.kept[si], full.tokens[si], full.cfg_batch[si] = [h * w] * depth, h * w, cfg
+        n = text_len if si == 0 and getattr(model, "family", "") == "hart" else h * w  # HART: the context tokens
+        full.kept[si], full.tokens[si], full.cfg_batch[si] = [n] * depth, n, cfg
     return trace_flops(full, model)
 
 
@@ -83,7 +106,7 @@ def policy_report(trace: PolicyTrace, model: Any, schedule: list[tuple[int, int]
     depth = model.depth
     kept_fraction, scale_fraction = {}, {}
     for si, (h, w) in enumerate(schedule):
-        n = h * w
+        n = trace.tokens.get(si, h * w)
         ks = trace.kept.get(si, [0] * depth)
         kept_fraction[si] = [k / n for k in ks]
         scale_fraction[si] = sum(ks) / (n * depth)

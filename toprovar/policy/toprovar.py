@@ -113,7 +113,9 @@ class ToProVARPolicy(Policy):
         """Enter scale ``si``: carry the previous scale's entropy over, upsampled to this grid."""
         if si == self._si:
             return
-        if self.ent is not None and si == self._si + 1 and self._si >= 0:
+        prev = self.schedule[self._si] if self._si >= 0 else None
+        # (HART's scale 0 runs its context tokens, not a grid: nothing to carry over)
+        if self.ent is not None and si == self._si + 1 and prev and self.ent.numel() == prev[0] * prev[1]:
             self.ent = upsample_entropy(self.ent, self.schedule[self._si], self.schedule[si])
         else:
             self.ent = None

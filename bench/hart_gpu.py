@@ -1,0 +1,178 @@
+"""HART on one GPU, one command: toprovar's HART (PyTorch backend) unpruned, ToProVAR at the pinned operating point
+and FastVAR, then the OFFICIAL mit-han-lab/hart code's unpruned latency on the same GPU as the anchor.
+
+    python bench/hart_gpu.py --official-repo .carry/hart --out bench/results        # H200: hart-0.7b, 1024px bf16
+    python bench/hart_gpu.py --model hart-tiny --device cpu --runs 1 --warmup 1 --official-repo /tmp/hart --out /tmp/hb
+
+Setup (both sides): ``hart-0.7b`` size (depth 24, width 1536, 24 heads, 300 context tokens of width 1536, 14 scales
+to 64x64 = 1024x1024 px, vocab 4096, diffusion MLP 1024 x 6, 8 iDDPM steps), random weights, random text features
+(1 prompt, 300 context tokens, length 32), batch 1 + CFG 4.5 (the official linear ramp), top-p 0, the official
+top-k, ``more_smooth`` off (the official code's "default case"; the sample.py flag adds Gumbel noise of
+4096 values per token), bf16 matrices. Timed: one generation including the residual diffusion head and the
+tokenizer decode; CUDA events; median of ``--runs`` after ``--warmup``.
+
+Ours: ``Pipeline`` over ``TorchBackend`` (KV cache in place, whole-scale CUDA graphs for these static policies;
+``--compile`` adds torch.compile, off by default to stay within a few minutes), decoder in bf16. ToProVAR runs the
+pinned operating point of ``toprovar.benchmark.e2e.operating_point`` (pruning from the 4th-last scale (27x27),
+the first 3 and last 2 layers Global, the others Detail keeping 30% of their tokens); every per-token computation
+(FAE entropy, keep probabilities, ordering, gather/scatter) runs. FastVAR: its Table 8 setting
+(``FastVARConfig()``).
+
+Official: ``HARTForT2I.autoregressive_infer_cfg`` of a checkout given by ``--official-repo`` (carried, not
+installed), built by ``tests/oracle/_hart_shims.build_official`` with the released flags, under
+``torch.autocast('cuda', bfloat16)`` (its sample.py uses float16 autocast) with parameters cast to bf16 where
+autocast does not reach. Stand-ins (``_hart_shims``): its CUDA extension ``hart_backend.fused_kernels`` cannot be
+installed here, so ``rms_norm`` is the PyTorch formula (an elementwise kernel chain instead of one fused kernel);
+flash-attn and xformers are absent, so its attention takes its own SDPA fallback (``slow_attn``); its tokenizer is
+built from a config instead of ``from_pretrained``.
+
+Writes OUT/hart_gpu_MODEL.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toprovar.benchmark.common import environment, write_results  # noqa: E402
+from toprovar.benchmark.e2e import operating_point  # noqa: E402
+from toprovar.config import get_config  # noqa: E402
+from toprovar.model import families  # noqa: E402
+from toprovar.pipeline import Pipeline  # noqa: E402
+from toprovar.policy import FastVARPolicy, Policy, ToProVARConfig, ToProVARPolicy, policy_report  # noqa: E402
+
+CFG_SCALE, TEXT_LEN, SEED = 4.5, 32, 1
+
+
+def timer(device: torch.device):
+    def run(fn, warmup: int, runs: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        out = []
+        for _ in range(runs):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize(device)
+                out.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+        return out
+    return run
+
+
+def ours(cfg, device, dtype, args, text, lengths):
+    model = families.build_model(cfg, seed=0)
+    if dtype != torch.float32:
+        model.to_inference_dtype(dtype)
+    dec = families.build_decoder(cfg, seed=0).to(dtype)
+    pipe = Pipeline(cfg, model.to(device), dec.to(device), None, True)
+    pipe.compile = args.compile
+    S = len(cfg.patch_nums)
+    policies = {"none": Policy,
+                "toprovar": lambda: ToProVARPolicy(ToProVARConfig(stage="full", **operating_point(cfg.depth, S))),
+                "fastvar": FastVARPolicy}
+    run = timer(device)
+    rows, detail = [], {}
+    for name, make in policies.items():
+        gen = lambda: pipe.generate_from_features(text, lengths, seed=SEED, policy=make(), progress=False)  # noqa
+        ms = run(gen, args.warmup, args.runs)
+        res = gen()
+        rep = policy_report(res.trace, cfg)
+        detail[name] = {"ms": ms, "relative_flops": rep["relative_flops"], "kept": res.trace.kept,
+                        "image_std": float(res.images.float().std())}
+        rows.append({"implementation": "toprovar", "policy": name, "latency ms": statistics.median(ms),
+                     "rel. FLOPs": rep["relative_flops"]})
+        print(rows[-1], flush=True)
+    pipe.release_graphs()
+    pipe._orchestrators.clear()  # free the workspaces before the official model is built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, detail
+
+
+def official(cfg, device, dtype, args, text, lengths):
+    from tests.oracle import _hart_shims
+    from toprovar.model.hart.tokenizer import HART_VAE_CONFIGS
+    vc = HART_VAE_CONFIGS[cfg.vae]
+    vae_kw = dict(vocab_size=cfg.vocab_size, z_channels=vc.z_channels, ch=vc.ch, ch_mult=vc.ch_mult,
+                  v_patch_nums=tuple(cfg.patch_nums), quantizer_type="var_hybrid", share_quant_resi=4,
+                  quant_resi=0.5, test_mode=True)
+    L = cfg.text_maxlen
+    mask = torch.arange(L, device=device)[None] < lengths[:, None]
+    pos = mask.long().cumsum(1) - 1
+    with _hart_shims.official_hart(args.official_repo, cpu=device.type != "cuda") as t2i:
+        model = _hart_shims.build_official(t2i, cfg, vae_kw, seed=0).to(device)
+        if dtype != torch.float32:  # the official inference runs under autocast; blocks' weights as ours
+            for b in model.blocks:
+                b.to(dtype)
+        ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        def gen():
+            with torch.inference_mode(), ctx:
+                return model.autoregressive_infer_cfg(B=1, label_B=text.clone(), g_seed=SEED, cfg=CFG_SCALE,
+                                                      top_p=0.0, more_smooth=False,
+                                                      context_position_ids=pos.clone(), context_mask=mask.clone())
+        ms = timer(device)(gen, args.warmup, args.runs)
+        img = gen()
+    row = {"implementation": "official mit-han-lab/hart", "policy": "none", "latency ms": statistics.median(ms),
+           "rel. FLOPs": 1.0}
+    print(row, flush=True)
+    return [row], {"ms": ms, "image_std": float(img.float().std())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="hart-0.7b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 on CUDA (default), float32 on the CPU")
+    p.add_argument("--official-repo", default=None, help="checkout of mit-han-lab/hart (skipped without)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cfg = get_config(args.model).replace(more_smooth=False)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, cfg.text_maxlen, cfg.text_channels, generator=g).to(device)
+    lengths = torch.tensor([min(TEXT_LEN, cfg.text_maxlen)], dtype=torch.int32, device=device)
+    rows, detail = ours(cfg, device, dtype, args, text, lengths)
+    payload = {"model": args.model, "device": str(device), "dtype": str(dtype), "cfg": CFG_SCALE,
+               "more_smooth": False, "text_tokens": cfg.text_maxlen, "text_length": int(lengths[0]),
+               "runs": args.runs, "warmup": args.warmup, "compile": args.compile, "ours": detail,
+               "operating_point": operating_point(cfg.depth, len(cfg.patch_nums)), "environment": environment(device)}
+    if args.official_repo:
+        try:
+            orow, odetail = official(cfg, device, dtype, args, text, lengths)
+            rows += orow
+            payload["official"] = odetail
+        except Exception as exc:  # recorded, not fatal
+            payload["official"] = {"error": (str(exc).strip().splitlines() or [type(exc).__name__])[0]}
+            print(f"official: error: {payload['official']['error']}", file=sys.stderr)
+    base = rows[0]["latency ms"]
+    for r in rows:
+        r["speedup vs ours unpruned"] = base / r["latency ms"]
+    title = (f"HART {args.model}, {cfg.patch_nums[-1] * families.token_stride(cfg)}px {payload['dtype']}, batch 1 + "
+             f"CFG {CFG_SCALE} (median of {args.runs})")
+    md = write_results(f"hart_gpu_{args.model}", payload, rows, title, args.out, [])
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

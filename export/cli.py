@@ -21,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .onnx_export import DEFAULT_OPSET, DTYPES
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=["tiny", "shapes", "infinity-2b", "infinity-8b"],
-                   help="shapes loads its packaged trained weights (or --weights DIR)")
+    g.add_argument("--model", default="tiny", choices=["tiny", "shapes", "scenes", "infinity-2b", "infinity-8b"],
+                   help="shapes loads its packaged trained weights (or --weights DIR); scenes needs --weights DIR "
+                        "(tools/train_small.py --model scenes)")
     g.add_argument("--weights", default=None, help="weights directory of a trained small model (model/vae/"
                                                      "text_encoder .safetensors, tools/train_small.py)")
     g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); default: random")

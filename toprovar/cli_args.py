@@ -18,7 +18,8 @@ def parse_floats(text: str) -> float | list[float]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model and weights to load, and where (shared by ``generate`` and ``calibrate``)."""
     p.add_argument("--model", default="shapes",
-                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b")
+                   help="shapes (trained, packaged; default) | scenes (trained: --weights DIR) | tiny (random) | "
+                        "infinity-2b | infinity-8b")
     p.add_argument("--weights", default=None, help="weights directory of a trained small model "
                    "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
     p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors)")

@@ -1,4 +1,5 @@
-"""Model configurations: the official Infinity-2B / Infinity-8B and the project's tiny model."""
+"""Model configurations: the official Infinity-2B / Infinity-8B, the project's tiny model and its trained
+small models (shapes, scenes)."""
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,8 @@ class ModelConfig:
         if d is None:
             return None
         if not d.is_dir():
-            raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py)")
+            raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py "
+                                    f"--model {self.name} --out DIR, then pass --weights DIR)")
         return {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
 
     def packaged_calibration(self, weights_dir=None):
@@ -101,6 +103,12 @@ CONFIGS: dict[str, ModelConfig] = {
     "shapes": ModelConfig("shapes", depth=8, width=192, num_heads=3, text_channels=128, codebook_dim=16,
                           vae="shapes", text_encoder="tiny", text_maxlen=64, block_chunks=4,
                           default_preset="0.06M", default_cfg=3.0, default_tau=1.0, weights="shapes").validate(),
+    # Closer to Infinity's regime: 10 scales up to 32x32 tokens (0.25M preset), 256x256 images, 16 layers of
+    # width 512 (70 M parameters), trained on the scenes dataset (tools/train_small.py --model scenes); its
+    # weights are not packaged (141 MB in bfloat16): --weights DIR, or toprovar/weights/scenes once trained.
+    "scenes": ModelConfig("scenes", depth=16, width=512, num_heads=8, text_channels=256, codebook_dim=16,
+                          vae="scenes", text_encoder="tiny", text_maxlen=128, block_chunks=4,
+                          default_preset="0.25M", default_cfg=3.0, default_tau=1.0, weights="scenes").validate(),
 }
 
 

@@ -376,7 +376,7 @@ def _make(args: tuple[int, int, int]) -> tuple[np.ndarray, list[Scene]]:
 def make_dataset(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, list[str], list[Scene]]:
     """(images (n, 256, 256, 3) uint8, prompts, scenes); scene i is drawn from ``np.random.default_rng([seed,
     i])`` (a dataset is a prefix of any larger one with the same seed). ``workers`` > 1 renders in processes."""
-    if workers <= 1 or n < 256:
+    if workers <= 1 or n < 8 * workers:
         images, scenes = _make((seed, 0, n))
     else:
         import multiprocessing as mp

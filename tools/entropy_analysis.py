@@ -51,8 +51,9 @@ def plot(data: dict, path: Path, title: str) -> None:
     ax[0].set_ylim(0, 1)
     ax[0].set_xlabel("scale index")
     ax[0].legend(fontsize=7)
-    norm0 = [m / u if m is not None else np.nan for m, u in zip(ps["mean_entropy_layer0"], ps["uniform_entropy"])]
-    norma = [m / u if m is not None else np.nan for m, u in zip(ps["mean_entropy_all_layers"], ps["uniform_entropy"])]
+    norm = lambda ms: [m / u if m is not None and u > 0 else np.nan  # noqa: E731  (scale 0: one key, ln 1 = 0)
+                       for m, u in zip(ms, ps["uniform_entropy"])]
+    norm0, norma = norm(ps["mean_entropy_layer0"]), norm(ps["mean_entropy_all_layers"])
     ax[1].plot(x, norm0, "o-", label="layer 0")
     ax[1].plot(x, norma, "s--", label="mean over layers")
     ax[1].set_ylabel("mean entropy / ln K (1 = uniform attention)")

@@ -173,3 +173,18 @@ def test_detect_by_hand_and_empty_background():
         d = min(dets, key=lambda d: abs(d.cx - o.cx) + abs(d.cy - o.cy))
         assert abs(d.cx - o.cx) < 1.5 and abs(d.cy - o.cy) < 1.5 and abs(d.size - o.size) < 2.5
     assert sc.detect(np.full((SIZE, SIZE, 3), 230, np.uint8)) == []
+
+
+def test_scenes_model_without_weights_says_how_to_train_them(tmp_path):
+    from toprovar.cli import main
+    from toprovar.config import get_config
+    from toprovar.pipeline import Pipeline, resolve_schedule
+    cfg = get_config("scenes")
+    assert resolve_schedule(cfg, None, 1.0)[-1] == (32, 32) and len(resolve_schedule(cfg, None, 1.0)) == 10
+    assert cfg.depth >= 16 and 512 <= cfg.width <= 1024
+    if cfg.weights_dir.is_dir():
+        pytest.skip("trained scenes weights are packaged")
+    with pytest.raises(FileNotFoundError, match="train_small.py --model scenes"):
+        Pipeline.load("scenes")
+    assert main(["generate", "--model", "scenes", "--prompt", "a red circle", "-o", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()

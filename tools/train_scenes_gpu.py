@@ -14,9 +14,13 @@ calibration.json, entropy_scenes.{json,png}, quality_scenes.{json,png}, samples.
 generated below). The Markdown table is rebuilt from quality_scenes.json with
 ``python -c "import json,bench.quality as q; print(q.markdown(json.load(open('quality_scenes.json'))))"``.
 
-    python tools/train_scenes_gpu.py --budget-s 480 --out $OUT                       # ~8 minutes
-    python tools/train_scenes_gpu.py --budget-s 560 --images 100000 --compile --out $OUT   # first long call
-    python tools/train_scenes_gpu.py --budget-s 560 --resume runs/scenes --out $OUT        # later calls
+    python tools/train_scenes_gpu.py --budget-s 480 --out $OUT       # the ~8 minute run: everything once
+    # longer, on one warm machine (runs/ is git-ignored, so it stays between calls of the same lease):
+    python tools/train_scenes_gpu.py --train-only --budget-s 540 --images 60000 --compile --out $OUT
+    python tools/train_scenes_gpu.py --train-only --budget-s 540 --images 60000 --compile \
+        --resume runs/scenes --out $OUT                              # repeat while device time lasts
+    python tools/train_scenes_gpu.py --measure-only --budget-s 540 --prompts 200 --grid full \
+        --calib-prompts 64 --out $OUT
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds kept for stages 2-4 and the evaluation (default: 35%% of the budget)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny step counts (tests)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--train-only", action="store_true", help="stage 1 only (the whole budget trains)")
+    g.add_argument("--measure-only", action="store_true", help="stages 2-4 on the weights in --work")
     return p.parse_args(argv)
 
 
@@ -91,8 +98,10 @@ def main(argv=None) -> int:
         sys.exit(f"--resume: {args.resume} holds no vae.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     left = lambda: args.budget_s - (time.perf_counter() - t0)  # noqa: E731
+    if args.measure_only and not (work / "model.safetensors").is_file():
+        sys.exit(f"--measure-only: {work} holds no model.safetensors (train first)")
     reserve = args.reserve_s if args.reserve_s is not None else 0.35 * args.budget_s
-    train_s = args.budget_s - reserve
+    train_s = args.budget_s - (60 if args.train_only else reserve)  # train_small's own evaluation stays
     train_small = _load("train_small", ROOT / "tools" / "train_small.py")
     targs = ["--model", args.model, "--device", args.device, "--images", str(args.images), "--batch", str(args.batch),
              "--tokenizer-batch", str(args.tokenizer_batch), "--lr", str(args.lr), "--train-seconds", str(train_s),
@@ -107,10 +116,13 @@ def main(argv=None) -> int:
         targs.append("--compile")
     if args.resume:
         targs += ["--resume", args.resume]
-    print(f"[{time.perf_counter() - t0:.0f} s] training: {' '.join(targs)}", flush=True)
-    train_small.main(targs)
+    if not args.measure_only:
+        print(f"[{time.perf_counter() - t0:.0f} s] training: {' '.join(targs)}", flush=True)
+        train_small.main(targs)
     for name in ("train_config.json", "train_log.jsonl"):
         shutil.copy(work / name, out / name)
+    if args.train_only:
+        return 0
 
     from toprovar.eval.datasets import dataset_for
     from toprovar.pipeline import Pipeline

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from toprovar.pipeline import Pipeline, resolve_schedule
-from toprovar.policy.probe import EntropyProbe, summarise_probe
+from toprovar.policy.probe import FIXED_FRACTION, MIN_CLASS_SIDE, EntropyProbe, summarise_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,8 @@ def test_entropy_probe_matches_direct_statistics():
             msg = f"seed {seed}: scale {si} layer {layer} prompt {b}"
             assert rec["mean"][si][layer] == pytest.approx(e[b].mean(), rel=1e-6), msg
             assert rec["rho"][si][layer] == pytest.approx((e[b] < e[b].mean()).mean(), abs=1e-6), msg
-            assert rec["rho_fixed"][si][layer] == pytest.approx((e[b] < 0.5 * math.log(keys[si])).mean(), abs=1e-6), msg
+            want = (e[b] < FIXED_FRACTION * math.log(keys[si])).mean()
+            assert rec["rho_fixed"][si][layer] == pytest.approx(want, abs=1e-6), msg
             if min(h, w) >= 2:
                 m = e[b].reshape(h, w)
                 assert rec["ratio_raw"][si][layer] == pytest.approx(_ratio(m), rel=1e-6), msg
@@ -73,8 +74,9 @@ def test_entropy_probe_matches_direct_statistics():
     S = len(schedule)
     want = [np.mean([r["rho"][s][0] for r in probe.records]) for s in range(S)]
     assert np.allclose(data["per_scale"]["rho_layer0"], want, atol=1e-12)
-    rep = data["classes"][S // 2]
-    ratios = [np.mean([r["ratio_centred"][S // 2][l] for r in probe.records]) for l in range(pipe.cfg.depth)]
+    assert all((c is None) == (min(schedule[s]) < MIN_CLASS_SIDE) for s, c in enumerate(data["classes"]))
+    rep = data["classes"][S - 1]
+    ratios = [np.mean([r["ratio_centred"][S - 1][l] for r in probe.records]) for l in range(pipe.cfg.depth)]
     assert rep["dominant"] == [l for l, r in enumerate(ratios) if r >= 2.0]
     beta = math.log(2) / (np.median(ratios) - 1)
     assert rep["beta_auto"] == pytest.approx(beta) and data["classes"][0] is None

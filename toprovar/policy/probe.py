@@ -3,7 +3,7 @@
 ``EntropyProbe`` is a policy that prunes nothing and asks for the self-attention entropy of every layer at
 every scale (conditional half, per prompt). Per prompt it records, for each (scale, layer): the mean
 entropy, rho (fraction of tokens below the scale's mean entropy, the paper's Eq. 3), rho at a fixed
-threshold (fraction below half the uniform-attention entropy ln K, K = keys visible), and sigma1/sigma2 of
+threshold (fraction below 0.75 of the uniform-attention entropy ln K, K = keys visible), and sigma1/sigma2 of
 the h x w entropy map raw and centred. ``summarise_probe`` averages over prompts and derives the layer
 classes at every scale.
 """
@@ -17,7 +17,8 @@ import torch
 from .base import GenerationInfo, Policy
 from .stats import low_entropy_ratio, principal_ratio
 
-FIXED_FRACTION = 0.5   # rho_fixed: fraction of tokens with H < FIXED_FRACTION * ln K
+FIXED_FRACTION = 0.75  # rho_fixed: fraction of tokens with H < FIXED_FRACTION * ln K (shapes: mean H ~ 0.8 ln K)
+MIN_CLASS_SIDE = 4     # layer classes only from maps of at least 4x4 (a 2x2 map's ratio is noise)
 GLOBAL_RATIO = 2.0     # a layer whose centred sigma1/sigma2 reaches this has a dominant component ("Global")
 
 
@@ -70,7 +71,7 @@ def summarise_probe(records: list[dict], schedule: list[tuple[int, int]], depth:
     """Per-prompt probe records -> JSON-ready statistics (means over prompts; ``std`` across prompts):
     per_scale: tokens, keys, uniform_entropy (ln K), mean_entropy / rho / rho_fixed of layer 0 and averaged
     over layers; per_layer (lists [scale][layer]): mean_entropy, rho, ratio_raw, ratio_centred (None where the
-    map has one row or column); classes[scale]: layers whose mean centred ratio >= GLOBAL_RATIO, and the
+    map has one row or column); classes[scale] (None below MIN_CLASS_SIDE per side): layers whose mean centred ratio >= GLOBAL_RATIO, and the
     beta-auto split (R_l = exp(-beta (ratio - 1)) with beta = ln 2 / (median ratio - 1): Global R < 0.5)."""
     if not records:
         raise ValueError("entropy probe: no prompts were run")
@@ -92,7 +93,7 @@ def summarise_probe(records: list[dict], schedule: list[tuple[int, int]], depth:
     classes = []
     for s in range(S):
         ratios = per_layer["ratio_centred"][s]
-        if any(r is None for r in ratios):
+        if min(schedule[s]) < MIN_CLASS_SIDE or any(r is None for r in ratios):
             classes.append(None)
             continue
         med = statistics.median(ratios)
@@ -104,5 +105,5 @@ def summarise_probe(records: list[dict], schedule: list[tuple[int, int]], depth:
                         "ratio_range": [min(ratios), max(ratios)],
                         "raw_ratio_range": [min(per_layer["ratio_raw"][s]), max(per_layer["ratio_raw"][s])]})
     return {"prompts": len(records), "depth": depth, "schedule": [list(s) for s in schedule],
-            "fixed_fraction": FIXED_FRACTION, "global_ratio": GLOBAL_RATIO,
+            "fixed_fraction": FIXED_FRACTION, "global_ratio": GLOBAL_RATIO, "min_class_side": MIN_CLASS_SIDE,
             "per_scale": per_scale, "per_layer": per_layer, "classes": classes}

@@ -4,7 +4,7 @@ Generates held-out prompts of the model's dataset unpruned with ``EntropyProbe``
 self-attention entropy at every scale) and writes OUT/entropy_<model>.json (``summarise_probe``: rho_s and
 mean entropy per scale, each layer's sigma1/sigma2 raw and centred at every scale, the layer classes) and
 OUT/entropy_<model>.png (rho_s curves, the normalised mean-entropy curve, centred and raw sigma1/sigma2 per
-layer and scale).
+layer and scale; JSON -> PNG again: ``python tools/entropy_analysis.py --replot OUT/entropy_<model>.json``).
 
     python tools/entropy_analysis.py --model shapes --prompts 64 --out bench/results
     python tools/entropy_analysis.py --model scenes --weights runs/scenes --device cuda --out $OUT
@@ -62,12 +62,13 @@ def plot(data: dict, path: Path, title: str) -> None:
     for a, key, lab in ((ax[2], "ratio_centred", "sigma1/sigma2, centred map"),
                         (ax[3], "ratio_raw", "log10 sigma1/sigma2, raw map")):
         m = np.array([[np.nan if v is None else v for v in row] for row in pl[key]], float).T  # (L, S)
+        m[:, [min(hw) < data["min_class_side"] for hw in data["schedule"]]] = np.nan  # 2x2 maps: noise
         if key == "ratio_raw":
             m = np.log10(m)
         im = a.imshow(m, aspect="auto", origin="lower", cmap="viridis")
         a.set_xlabel("scale index")
         a.set_ylabel("layer")
-        a.set_title(lab, fontsize=9)
+        a.set_title(lab + f" (maps >= {data['min_class_side']}x{data['min_class_side']})", fontsize=9)
         fig.colorbar(im, ax=a)
     fig.suptitle(title)
     fig.tight_layout()
@@ -83,7 +84,16 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=64, help="held-out prompts (dataset seed 2000)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw the PNG of an analysis JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        src = Path(args.replot)
+        if not src.is_file():
+            sys.exit(f"--replot: {src}: file not found")
+        data = json.loads(src.read_text())
+        plot(data, src.with_suffix(".png"), f"{data['model']}: entropy patterns ({data['prompts']} prompts)")
+        print(src.with_suffix(".png"))
+        return 0
     if args.prompts < 1:
         sys.exit("--prompts: must be >= 1")
     t0 = time.perf_counter()

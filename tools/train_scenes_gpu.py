@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole command")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=48, help="transformer batch (2521 tokens per image)")
     p.add_argument("--tokenizer-batch", type=int, default=32)
     p.add_argument("--tokenizer-frac", type=float, default=0.25, help="share of the training budget")
     p.add_argument("--lr", type=float, default=6e-4)

@@ -13,7 +13,6 @@ class Dataset:
     """make(n, seed, workers) -> (images (n, S, S, 3) uint8, prompts, scenes with ``.spec``);
     evaluate(images, specs) and chance(images, specs, seed) -> the checker's result dict."""
     name: str
-    size: int
     categories: tuple[str, ...]
     make: Callable
     evaluate: Callable
@@ -21,9 +20,9 @@ class Dataset:
 
 
 DATASETS = {
-    "shapes": Dataset("shapes", 64, shapes.CATEGORIES, lambda n, seed, workers=1: shapes.make_dataset(n, seed),
+    "shapes": Dataset("shapes", shapes.CATEGORIES, lambda n, seed, workers=1: shapes.make_dataset(n, seed),
                       checker.evaluate, checker.chance_accuracy),
-    "scenes": Dataset("scenes", scenes.SIZE, scenes.CATEGORIES, scenes.make_dataset, scene_checker.evaluate,
+    "scenes": Dataset("scenes", scenes.CATEGORIES, scenes.make_dataset, scene_checker.evaluate,
                       scene_checker.chance_accuracy),
 }
 

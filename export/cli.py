@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
-                   choices=["tiny", "shapes", "infinity-2b", "infinity-8b", "hart-0.7b", "hart-tiny"],
-                   help="shapes loads its packaged trained weights (or --weights DIR)")
+                   choices=["tiny", "shapes", "scenes", "infinity-2b", "infinity-8b", "hart-0.7b", "hart-tiny"],
+                   help="shapes loads its packaged trained weights (or --weights DIR); scenes needs --weights DIR "
+                        "(tools/train_small.py --model scenes)")
     g.add_argument("--weights", default=None, help="weights directory of a trained small model (model/vae/"
                                                      "text_encoder .safetensors, tools/train_small.py)")
     g.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); default: random")

@@ -1,9 +1,13 @@
-"""Train the project's small text-to-image VAR model on the procedural shapes dataset.
+"""Train the project's small text-to-image VAR models on their procedural datasets.
 
-Two stages, both on one GPU in about ten minutes on an H100 (CPU works for smoke runs):
-  1. the BSQ tokenizer (``BSQAutoencoder``, VAE config ``shapes``): 64x64 images <-> 7-scale bit maps;
-  2. the Infinity transformer (model config ``shapes``) with its byte-level T5 text encoder, teacher-forced
-     on the tokenized images, 10% of the prompts replaced by the learned empty text (classifier-free guidance).
+--model shapes (default): 64x64 shapes images, 7 scales (about ten minutes on an H100); --model scenes:
+256x256 scenes images, 10 scales up to 32x32 tokens, 16 layers of width 512 (``toprovar/eval/datasets.py``
+says which dataset a model uses). Two stages, on one GPU (CPU works for smoke runs):
+  1. the BSQ tokenizer (``BSQAutoencoder``, the model's VAE config): images <-> multiscale bit maps;
+  2. the Infinity transformer with its byte-level T5 text encoder, teacher-forced on the tokenized images,
+     10% of the prompts replaced by the learned empty text (classifier-free guidance).
+Both stages can be given a time budget (--tokenizer-seconds, --minutes): the schedule's length is set from
+the measured step time.
 
 Writes to --out (default: the packaged weights directory, toprovar/weights/shapes): model.safetensors,
 vae.safetensors, text_encoder.safetensors (bfloat16; EMA weights), train_config.json (arguments, versions,
@@ -11,6 +15,8 @@ steps, final losses, held-out checker accuracy) and train_log.jsonl (one line pe
 
     python tools/train_small.py --device cuda
     python tools/train_small.py --device cpu --images 512 --tokenizer-steps 5 --steps 5 --out /tmp/smoke
+    python tools/train_small.py --model scenes --images 30000 --batch 64 --tokenizer-batch 32 --compile \
+        --tokenizer-seconds 90 --minutes 4 --out runs/scenes
 """
 from __future__ import annotations
 
@@ -28,8 +34,7 @@ import torch
 from tqdm import tqdm
 
 from toprovar.config import get_config
-from toprovar.eval.checker import evaluate
-from toprovar.eval.shapes import make_dataset
+from toprovar.eval.datasets import dataset_for
 from toprovar.model.checkpoint import atomic_write, load_into, save_state_dict
 from toprovar.model.infinity import build_model
 from toprovar.model.rope import rope_tables
@@ -48,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=100_000, help="training images (dataset seed = --seed)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128, help="transformer batch")
+    p.add_argument("--tokenizer-batch", type=int, default=None, help="tokenizer batch (default: --batch)")
     p.add_argument("--tokenizer-steps", type=int, default=3000)
+    p.add_argument("--tokenizer-seconds", type=float, default=None,
+                   help="time budget of the tokenizer stage: at step 30 its schedule's length becomes "
+                        "min(--tokenizer-steps, what fits at the speed of steps 10-30)")
     p.add_argument("--tokenizer-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=8000, help="transformer steps")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -59,18 +68,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget of the transformer stage: at step 70 the schedule's length becomes "
                         "min(--steps, what fits in the budget at the speed of steps 20-70); the log records it")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="budget of data + tokenizer + transformer from the start of the run: the transformer "
+                        "stage gets what is left of it when it starts (with --minutes: the smaller)")
     p.add_argument("--resume", default=None,
                    help="a previous run's output directory: its tokenizer is reused (stage 1 skipped) and the "
                         "transformer and text encoder start from its weights (fresh optimizer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored by the checker at the end")
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the dataset")
     return p.parse_args(argv)
 
 
-def to_tensor(images: np.ndarray, device) -> torch.Tensor:
-    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+def to_tensor(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    """(n, H, W, 3) uint8 (numpy or torch) -> (n, 3, H, W) float32 in [-1, 1] on ``device``."""
+    t = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    return t.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def budget_steps(step: int, marks: tuple[int, int], t_mark: list[float], t_start: float, seconds: float | None,
+                 most: int) -> int | None:
+    """Schedule length from a time budget: call at every step; at ``marks[0]`` it notes the time, at
+    ``marks[1]`` it returns min(most, marks[1] + what fits in the rest of ``seconds`` at the speed measured
+    between the marks (after compilation and warm-up)); None at every other step or without a budget."""
+    if seconds is None or step not in marks:
+        return None
+    now = time.perf_counter()
+    if step == marks[0]:
+        t_mark[:] = [now]
+        return None
+    per_step = (now - t_mark[0]) / (marks[1] - marks[0])
+    return max(marks[1] + 1, min(most, marks[1] + int((seconds - (now - t_start)) / per_step)))
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -97,17 +126,25 @@ class Logger:
 
 
 def train_tokenizer(args, images: torch.Tensor, schedule, log: Logger) -> BSQAutoencoder:
-    """Stage 1: reconstruction (L1 + MSE) through the straight-through multiscale BSQ, plus commitment."""
+    """Stage 1: reconstruction (L1 + MSE) through the straight-through multiscale BSQ, plus commitment.
+    images: (n, H, W, 3) uint8 on the device."""
     cfg = get_config(args.model)
     torch.manual_seed(args.seed)
     ae = BSQAutoencoder(cfg.vae).to(args.device).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    bar = tqdm(range(args.tokenizer_steps), desc="tokenizer", unit="step")
-    for step in bar:
+    batch = args.tokenizer_batch or args.batch
+    total, t_start, t_mark = args.tokenizer_steps, time.perf_counter(), []
+    bar = tqdm(total=total, desc="tokenizer", unit="step")
+    step = 0
+    while step < total:
+        new_total = budget_steps(step, (10, 30), t_mark, t_start, args.tokenizer_seconds, args.tokenizer_steps)
+        if new_total is not None:
+            total = bar.total = new_total
+            log.log(stage="tokenizer", step=step, schedule_steps=total, reason=f"--tokenizer-seconds {args.tokenizer_seconds}")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.tokenizer_steps, args.tokenizer_lr, 200)
-        x = images[torch.randint(len(images), (args.batch,), generator=gen).to(images.device)]
+            g["lr"] = lr_at(step, total, args.tokenizer_lr, min(200, total // 5 + 1))
+        x = to_tensor(images[torch.randint(len(images), (batch,), generator=gen).to(images.device)], images.device)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
             rec, f, f_hat = ae(x, schedule)
         rec = rec.float()
@@ -116,30 +153,37 @@ def train_tokenizer(args, images: torch.Tensor, schedule, log: Logger) -> BSQAut
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
-        if step % args.log_every == 0 or step == args.tokenizer_steps - 1:
+        if step % args.log_every == 0 or step == total - 1:
             mse = (rec.detach().clamp(-1, 1) - x).pow(2).mean().item()
             psnr = 10 * math.log10(4 / max(mse, 1e-12))
             log.log(stage="tokenizer", step=step, loss=round(loss.item(), 5), psnr_db=round(psnr, 2))
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        step += 1
+        bar.update(1)
+    bar.close()
     return ae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def tokenize_all(ae: BSQAutoencoder, images: torch.Tensor, schedule, batch: int = 1024) -> list[torch.Tensor]:
-    """Bits per scale for every image: list of (n, h, w, d) uint8 on the images' device."""
-    parts = [ae.tokenize(images[i:i + batch], schedule)[0] for i in range(0, len(images), batch)]
+def tokenize_all(ae: BSQAutoencoder, images: torch.Tensor, schedule, batch: int = 256) -> list[torch.Tensor]:
+    """Bits per scale for every image ((n, H, W, 3) uint8): list of (n, h, w, d) uint8 on the images' device."""
+    parts = [ae.tokenize(to_tensor(images[i:i + batch], images.device), schedule)[0]
+             for i in range(0, len(images), batch)]
     return [torch.cat([p[k] for p in parts]) for k in range(len(schedule))]
 
 
 @torch.no_grad()
 def reconstruct(ae: BSQAutoencoder, images: torch.Tensor, schedule) -> torch.Tensor:
-    """Decoded multiscale-quantized images (n, 3, H, W) in [-1, 1]: the ceiling for generation."""
-    return torch.cat([ae.decoder(ae.tokenize(images[i:i + 512], schedule)[2]).clamp(-1, 1)
-                      for i in range(0, len(images), 512)])
+    """Decoded multiscale-quantized images (n, 3, H, W) in [-1, 1] of images (n, 3, H, W): the ceiling for
+    generation."""
+    return torch.cat([ae.decoder(ae.tokenize(images[i:i + 64], schedule)[2]).clamp(-1, 1)
+                      for i in range(0, len(images), 64)])
 
 
-def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedule, log: Logger):
-    """Stage 2: the transformer and its text encoder, teacher-forced; returns their EMA copies."""
+def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedule, log: Logger,
+                      seconds: float | None = None):
+    """Stage 2: the transformer and its text encoder, teacher-forced, within ``seconds`` when given; returns
+    their EMA copies and the steps done."""
     cfg = get_config(args.model)
     dev = torch.device(args.device)
     model = init_for_training(build_model(cfg, seed=args.seed))
@@ -148,7 +192,7 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         model.load_checkpoint(Path(args.resume) / "model.safetensors")
         load_into(text, Path(args.resume) / "text_encoder.safetensors")
     model, text = model.to(dev), text.to(dev).train().requires_grad_(True)
-    ids, mask = tokenize_batch(ByteTokenizer(), prompts, cfg.text_maxlen, "shapes")
+    ids, mask = tokenize_batch(ByteTokenizer(), prompts, cfg.text_maxlen, args.model)
     ids, mask = ids.to(dev), mask.to(dev)
     params = list(model.parameters()) + list(text.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -171,20 +215,15 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         return bitwise_loss(logits, bit_labels(b_bits), counts)
 
     step_fn = torch.compile(forward) if args.compile else forward
-    total, t_start, done = args.steps, time.perf_counter(), 0
+    total, t_start, done, t_mark = args.steps, time.perf_counter(), 0, []
     bar = tqdm(total=total, desc="transformer", unit="step")
     step = 0
     while step < total:
-        if args.minutes is not None and step in (20, 70):  # steady-state speed, after compilation
-            if step == 20:
-                t20 = time.perf_counter()
-            else:
-                per_step = (time.perf_counter() - t20) / 50
-                left = 60 * args.minutes - (time.perf_counter() - t_start)
-                total = max(71, min(args.steps, 70 + int(left / per_step)))
-                bar.total = total
-                log.log(stage="transformer", step=step, schedule_steps=total, seconds_per_step=round(per_step, 4),
-                        reason=f"--minutes {args.minutes}")
+        # steady-state speed over steps 20-70, after compilation
+        new_total = budget_steps(step, (20, 70), t_mark, t_start, seconds, args.steps)
+        if new_total is not None:
+            total = bar.total = new_total
+            log.log(stage="transformer", step=step, schedule_steps=total, reason=f"{seconds:.0f} s budget")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args.lr, args.warmup)
         idx = torch.randint(len(ids), (args.batch,), generator=gen).to(dev)
@@ -203,8 +242,8 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        with torch.no_grad():  # EMA with warm-up: short runs are not dominated by the initial weights
+            torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         done = step = step + 1
         bar.update(1)
         if (step - 1) % args.log_every == 0 or step == total:
@@ -230,11 +269,16 @@ def main(argv=None) -> int:
     if out is None:
         sys.exit(f"--out: model {args.model} has no packaged weights directory; pass --out")
     schedule = resolve_schedule(cfg, None, 1.0)
+    data = dataset_for(args.model)
     log = Logger()
     t0 = time.perf_counter()
-    images_np, prompts, _ = make_dataset(args.images, args.seed)
-    images = to_tensor(images_np, args.device)
-    log.log(stage="data", images=len(prompts), seconds=round(time.perf_counter() - t0, 1))
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    images_np, prompts, _ = data.make(args.images, args.seed, workers=args.workers)
+    images = torch.from_numpy(images_np).to(args.device)  # uint8: converted per batch
+    del images_np
+    log.log(stage="data", dataset=data.name, images=len(prompts), seconds=round(time.perf_counter() - t0, 1))
 
     if args.resume:
         ae = BSQAutoencoder(cfg.vae)
@@ -245,7 +289,10 @@ def main(argv=None) -> int:
         ae = train_tokenizer(args, images, schedule, log)
     bits = tokenize_all(ae, images, schedule)
     del images
-    model, text, steps_done = train_transformer(args, bits, prompts, schedule, log)
+    budgets = [60 * args.minutes] if args.minutes is not None else []
+    if args.train_seconds is not None:
+        budgets.append(args.train_seconds - (time.perf_counter() - t0))
+    model, text, steps_done = train_transformer(args, bits, prompts, schedule, log, min(budgets) if budgets else None)
 
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(model, out / "model.safetensors", dtype=torch.bfloat16)
@@ -253,7 +300,7 @@ def main(argv=None) -> int:
     save_state_dict(text, out / "text_encoder.safetensors", dtype=torch.bfloat16)
 
     # held-out evaluation from the saved files (what a user loads): tokenizer ceiling and generation
-    ev_images, ev_prompts, ev_scenes = make_dataset(args.eval_prompts, args.seed + 1000)
+    ev_images, ev_prompts, ev_scenes = data.make(args.eval_prompts, args.seed + 1000, workers=args.workers)
     pipe = Pipeline.load(args.model, weights=str(out), device=args.device)
     ae_rec = to_uint8(reconstruct(ae.float(), to_tensor(ev_images, args.device), schedule))
     gen = np.concatenate([to_uint8(pipe.generate(ev_prompts[i:i + 50], seed=i, progress=False).images)
@@ -265,9 +312,11 @@ def main(argv=None) -> int:
         "transformer_steps_done": steps_done, "train_seconds": round(time.perf_counter() - t0, 1),
         "final": next((r for r in reversed(log.lines) if r.get("stage") == "transformer" and "loss" in r), None),
         "eval_seed": args.seed + 1000,
-        "checker_ground_truth": evaluate(list(ev_images), specs)["overall"],
-        "checker_tokenizer_reconstruction": evaluate(list(ae_rec), specs)["overall"],
-        "checker_generated": {k: v for k, v in evaluate(list(gen), specs).items() if k != "correct"},
+        "dataset": data.name,
+        "checker_ground_truth": data.evaluate(list(ev_images), specs)["overall"],
+        "checker_tokenizer_reconstruction": data.evaluate(list(ae_rec), specs)["overall"],
+        "checker_chance": data.chance(list(ev_images), specs, seed=args.seed)["overall"],
+        "checker_generated": {k: v for k, v in data.evaluate(list(gen), specs).items() if k != "correct"},
         "files_bytes": {f.name: f.stat().st_size for f in sorted(out.glob("*.safetensors"))},
     }
     log.save(out / "train_log.jsonl")

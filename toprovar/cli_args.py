@@ -128,8 +128,8 @@ def check_device(name: str) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model and weights to load, and where (shared by ``generate`` and ``calibrate``)."""
     p.add_argument("--model", default="shapes",
-                   help="shapes (trained, packaged; default) | tiny (random) | infinity-2b | infinity-8b | "
-                        "hart-0.7b | hart-tiny (random)")
+                   help="shapes (trained, packaged; default) | scenes (trained: --weights DIR) | tiny (random) | "
+                        "infinity-2b | infinity-8b | hart-0.7b | hart-tiny (random)")
     p.add_argument("--weights", default=None, help="weights directory of a trained small model "
                    "(model/vae/text_encoder .safetensors; default: the model's packaged one)")
     p.add_argument("--checkpoint", default=None, help="transformer weights (.pth or .safetensors); with shapes the "

@@ -1,6 +1,6 @@
 """Model configurations of every family in one registry: the official Infinity-2B / Infinity-8B, the project's
-tiny and shapes models (family ``infinity``), the released HART-0.7B 1024px and a tiny random HART (family
-``hart``, ``toprovar/model/hart/``)."""
+tiny model and its trained small models (shapes, scenes) (family ``infinity``), the released HART-0.7B 1024px and a
+tiny random HART (family ``hart``, ``toprovar/model/hart/``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +59,8 @@ class ModelConfig:
         if d is None:
             return None
         if not d.is_dir():
-            raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py)")
+            raise FileNotFoundError(f"--weights: {d} is not a directory (train it: python tools/train_small.py "
+                                    f"--model {self.name} --out DIR, then pass --weights DIR)")
         files = {k: str(d / f"{k}.safetensors") for k in ("model", "vae", "text_encoder")}
         for k in ("vae", "text_encoder") if checkpoint else ("model", "vae", "text_encoder"):
             if not Path(files[k]).is_file():
@@ -140,6 +141,12 @@ CONFIGS: dict[str, ModelConfig] = {
     "shapes": ModelConfig("shapes", depth=8, width=192, num_heads=3, text_channels=128, codebook_dim=16,
                           vae="shapes", text_encoder="tiny", text_maxlen=64, block_chunks=4,
                           default_preset="0.06M", default_cfg=3.0, default_tau=1.0, weights="shapes").validate(),
+    # Closer to Infinity's regime: 10 scales up to 32x32 tokens (0.25M preset), 256x256 images, 16 layers of
+    # width 512 (70 M parameters), trained on the scenes dataset (tools/train_small.py --model scenes); its
+    # weights are not packaged (141 MB in bfloat16): --weights DIR, or toprovar/weights/scenes once trained.
+    "scenes": ModelConfig("scenes", depth=16, width=512, num_heads=8, text_channels=256, codebook_dim=16,
+                          vae="scenes", text_encoder="tiny", text_maxlen=128, block_chunks=4,
+                          default_preset="0.25M", default_cfg=3.0, default_tau=1.0, weights="scenes").validate(),
     # mit-han-lab/hart-0.7b-1024px (HARTForT2IConfig as released: llama blocks without AdaLN, 2D RoPE, 300 Qwen2
     # context tokens of width 1536, 14 scales to 64x64, 37M-parameter residual diffusion MLP, 8 iDDPM steps)
     "hart-0.7b": ModelConfig("hart-0.7b", depth=24, width=1536, num_heads=24, text_channels=1536, codebook_dim=32,

@@ -1,4 +1,5 @@
-"""The shapes text-to-image dataset and its GenEval-style checker, plus image metrics (PSNR, SSIM)."""
+"""The procedural text-to-image datasets (shapes 64 px, scenes 256 px: ``scenes``, ``scene_checker``, ``datasets``)
+and the shapes GenEval-style checker, plus image metrics (PSNR, SSIM)."""
 from __future__ import annotations
 
 from .checker import Detection, chance_accuracy, detect, evaluate, score, segment

@@ -154,13 +154,14 @@ def evaluate(images: Sequence[np.ndarray], specs: Sequence[Spec]) -> dict:
             "n": n, "correct": correct}
 
 
-def chance_accuracy(images: Sequence[np.ndarray], specs: Sequence[Spec], seed: int = 0) -> dict:
-    """``evaluate`` of image i against spec perm[i], perm a random derangement (no fixed point) drawn
-    from ``seed``: the score of a model that ignores its prompt. Needs at least 2 images."""
+def chance_accuracy(images: Sequence[np.ndarray], specs: Sequence, seed: int = 0, evaluate_fn=None) -> dict:
+    """``evaluate_fn`` (default: this module's ``evaluate``) of image i against spec perm[i], perm a random
+    derangement (no fixed point) drawn from ``seed``: the score of a model that ignores its prompt. Needs at
+    least 2 images."""
     if len(specs) < 2:
         raise ValueError("a derangement needs at least 2 specs")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(specs))
     while (perm == np.arange(len(specs))).any():
         perm = rng.permutation(len(specs))
-    return evaluate(images, [specs[j] for j in perm])
+    return (evaluate_fn or evaluate)(images, [specs[j] for j in perm])

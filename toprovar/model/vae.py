@@ -110,6 +110,8 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "tiny": VAEConfig("tiny", codebook_dim=16, patch_size=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1).validate(),
     # The trained shapes tokenizer (tools/train_small.py): 64x64 images <-> 16x16 x 16-bit latents.
     "shapes": VAEConfig("shapes", codebook_dim=16, patch_size=4, ch=48, ch_mult=(1, 2, 2), num_res_blocks=1).validate(),
+    # The scenes tokenizer (tools/train_small.py --model scenes): 256x256 images <-> 32x32 x 16-bit latents.
+    "scenes": VAEConfig("scenes", codebook_dim=16, patch_size=8, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1).validate(),
 }
 
 

@@ -20,11 +20,11 @@ the first 3 and last 2 layers Global, the others Detail keeping 30% of their tok
 
 Official: ``HARTForT2I.autoregressive_infer_cfg`` of a checkout given by ``--official-repo`` (carried, not
 installed), built by ``tests/oracle/_hart_shims.build_official`` with the released flags, under
-``torch.autocast('cuda', bfloat16)`` (its sample.py uses float16 autocast) with parameters cast to bf16 where
-autocast does not reach. Stand-ins (``_hart_shims``): its CUDA extension ``hart_backend.fused_kernels`` cannot be
+``torch.autocast('cuda', bfloat16)`` (its sample.py uses float16 autocast), the blocks' weights in bf16 as ours
+(embeddings, head, diffusion MLP float32 under autocast). Stand-ins (``_hart_shims``): its CUDA extension ``hart_backend.fused_kernels`` cannot be
 installed here, so ``rms_norm`` is the PyTorch formula (an elementwise kernel chain instead of one fused kernel);
-flash-attn and xformers are absent, so its attention takes its own SDPA fallback (``slow_attn``); its tokenizer is
-built from a config instead of ``from_pretrained``.
+flash-attn and xformers are absent, so its attention takes its own SDPA fallback (``slow_attn``); scipy, if absent,
+by a ``truncnorm`` stand-in (training only); its tokenizer is built from a config instead of ``from_pretrained``.
 
 Writes OUT/hart_gpu_MODEL.json and .md.
 """

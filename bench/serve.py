@@ -107,7 +107,8 @@ def serving(args, device: torch.device, dtype: str, log: Path) -> tuple[dict, li
     cmd = [sys.executable, "-m", "toprovar.cli", "serve", "--model", args.model, "--dtype", dtype,
            "--device", "cpu" if device.type == "cpu" else "auto", "--weights-seed", str(args.weights_seed),
            "--random-text-encoder", "--max-batch", str(args.max_batch), "--queue-delay-ms", str(args.queue_delay_ms),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--instances-per-gpu", str(args.instances_per_gpu)]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
     if args.compile or (args.compile is None and device.type == "cuda"):
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--instances-per-gpu", type=int, default=1, help="model instances on each GPU (issue 20)")
     ap.add_argument("--queue-delay-ms", type=float, default=20.0)
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--official-repo", default=None, help="FoundationVision/Infinity checkout: the peer anchor")

@@ -41,7 +41,8 @@ def _cpu() -> float:
 
 @pytest.fixture(scope="session", params=CASES, ids=[f"{m}-{d}" for m, d in CASES])
 def build(request, tmp_path_factory):
-    """(manifest, {piece: build info}, summary row) of one model/dtype: exported, then every engine built."""
+    """(manifest, {piece: build info}, summary row) of one model/dtype: exported, then every engine built (the
+    engine files are removed at the end of the session)."""
     from toprovar.export.onnx_export import ExportRequest, export_model
     model, dtype = request.param
     out = tmp_path_factory.mktemp("engines") / f"{model}-{dtype}"
@@ -65,7 +66,8 @@ def build(request, tmp_path_factory):
     for n, i in infos.items():
         print(f"  {n:<20} {i['build_s']:6.2f} s {i['bytes'] / 1e6:6.2f} MB {i['layers']:4d} layers {i['profiles']} "
               f"profile(s) fae={i['fae']}")
-    return load_manifest(out), infos, row
+    yield load_manifest(out), infos, row
+    shutil.rmtree(out / "engine", ignore_errors=True)  # 0.1-0.4 GB per case: not kept in pytest's basetemp
 
 
 def test_every_piece_has_a_real_engine(build):

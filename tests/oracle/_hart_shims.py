@@ -4,18 +4,21 @@ The official ``hart/modules/networks/basic_hart.py`` imports ``hart_backend.fuse
 RMS norm and fused RoPE) and the model moves tensors with ``.cuda()`` everywhere; ``HARTForT2I.__init__`` loads its
 tokenizer with ``from_pretrained``. This module provides, written here (nothing copied from the official code):
 a ``hart_backend.fused_kernels`` whose ``rms_norm`` computes the same float32 math into ``out`` (the fused RoPE
-entry points are not reached: the official attention uses its naive RoPE path), ``.cuda()`` as a no-op, a
-``from_pretrained`` that builds the tokenizer from a given config, and ``injected_noise``: the official sampler's
+entry points are not reached: the official attention uses its naive RoPE path), ``scipy.stats.truncnorm`` where
+scipy is not installed (the official module only builds a training-time mask-ratio sampler from it), ``.cuda()`` as
+a no-op on the CPU, a ``from_pretrained`` that builds the tokenizer from a given config, and ``injected_noise``: the
+official sampler's
 random draws (``torch.multinomial``, ``exponential_`` for the Gumbel noise, ``torch.randn``/``randn_like`` in the
 diffusion head) replaced by inverse-CDF / transformed values of given uniforms, with exactly the formulas
 ``toprovar.model.hart.pieces`` uses, so both implementations consume the same randomness.
 
-Nothing here is used by the package; only ``tests/oracle`` and ``bench/hart_official_anchor.py`` import it.
+Nothing here is used by the package; only ``tests/oracle`` and ``bench/hart_gpu.py`` import it.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -48,8 +51,16 @@ def official_hart(repo: str | Path, cpu: bool = True):
     fused.fused_rope_with_pos_forward_func = _unsupported
     backend = types.ModuleType("hart_backend")
     backend.fused_kernels = fused
-    saved_mods = {k: sys.modules.get(k) for k in ("hart_backend", "hart_backend.fused_kernels")}
-    sys.modules["hart_backend"], sys.modules["hart_backend.fused_kernels"] = backend, fused
+    names = ["hart_backend", "hart_backend.fused_kernels"]
+    stand_ins = [backend, fused]
+    if importlib.util.find_spec("scipy") is None:  # no scipy (the GPU machine): a stand-in, never sampled
+        sp, sps = types.ModuleType("scipy"), types.ModuleType("scipy.stats")
+        sps.truncnorm = lambda *a, **k: None
+        sp.stats = sps
+        names += ["scipy", "scipy.stats"]
+        stand_ins += [sp, sps]
+    saved_mods = {k: sys.modules.get(k) for k in names}
+    sys.modules.update(dict(zip(names, stand_ins)))
     saved_cuda = (torch.Tensor.cuda, nn.Module.cuda)
     if cpu:
         torch.Tensor.cuda = lambda self, *a, **k: self

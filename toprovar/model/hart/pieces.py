@@ -169,8 +169,9 @@ class HartNextInputPiece(nn.Module):
         self.model, self.schedule, self.si = model, schedule, si
         if si < len(schedule) - 1:
             (H, W), (h, w) = schedule[-1], schedule[si + 1]
-            self.register_buffer("area_h", area_matrix(H, h), persistent=False)
-            self.register_buffer("area_w", area_matrix(W, w), persistent=False)
+            dev = model.word_embed.weight.device  # the piece is built beside a model already on its device
+            self.register_buffer("area_h", area_matrix(H, h).to(dev), persistent=False)
+            self.register_buffer("area_w", area_matrix(W, w).to(dev), persistent=False)
 
     def forward(self, bits: torch.Tensor, summed: torch.Tensor):
         h, w = self.schedule[self.si]

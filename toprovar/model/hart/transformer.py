@@ -260,7 +260,8 @@ class Hart(nn.Module):
     # ---------------------------------------------------------------- structure
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.word_embed.weight.dtype
+        """The blocks' matrix dtype (q/k/v and the KV caches); embeddings stay float32 (``to_inference_dtype``)."""
+        return self.blocks[0].attn.qkv_proj.weight.dtype
 
     def to_inference_dtype(self, dtype: torch.dtype, keep_fp32_params: bool = False) -> "Hart":
         """Cast the blocks' matrices to ``dtype``; embeddings, norms, head, diffusion MLP and codebook stay float32

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import platform
@@ -480,7 +481,7 @@ def build_specs(req: ExportRequest) -> tuple[dict, list[PieceSpec]]:
     header = {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": dataclasses.asdict(cfg),
+        "model": json.loads(json.dumps(dataclasses.asdict(cfg))),  # as read back (tuples -> lists)
         "spec": _spec(cfg),
         "random_weights": bool(random_parts),
         "random_parts": random_parts,

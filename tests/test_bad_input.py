@@ -498,7 +498,8 @@ def test_ctrl_c_during_generate(tmp_path):
     assert "scales" in err, f"generation did not start: {err[-300:]!r}"
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=60)
-    lines = [ln for ln in (err + rest).splitlines() if ln.strip() and "%|" not in ln and "scales" not in ln]
+    lines = [ln for ln in (err + rest).replace("\r", "\n").splitlines()
+             if ln.strip() and "%|" not in ln and "scales" not in ln]
     assert proc.returncode == 130, lines
     assert lines == ["toprovar: interrupted; no output was written (nor a partial one)"]
     assert list(tmp_path.iterdir()) == []

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
+            bar.close()
         print("toprovar: interrupted; no output was written (nor a partial one)", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:

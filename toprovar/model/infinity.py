@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .checkpoint import load_into
 from .layers import AdaLNBeforeHead, CrossAttnBlock, TextAttentivePool, linear
+from .seeded import build_seeded
 
 
 class RMSNorm(nn.Module):
@@ -168,12 +169,4 @@ class Infinity(nn.Module):
 
 def build_model(cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu") -> Infinity:
     """Build an Infinity model with random weights drawn from ``seed`` (deterministic)."""
-    gen_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
-        with torch.device(device):
-            model = Infinity(cfg)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval().requires_grad_(False)
+    return build_seeded(lambda: Infinity(cfg), seed, device)

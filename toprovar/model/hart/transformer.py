@@ -34,6 +34,7 @@ from ...config import ModelConfig
 from ...ops import attention
 from ..checkpoint import CheckpointError, check_state_dict, read_state_dict
 from ..layers import linear
+from ..seeded import build_seeded
 from .diffusion import DiffLoss
 from .tokenizer import HybridQuantizer
 
@@ -374,12 +375,4 @@ def hart_rope_tables(cfg: ModelConfig, schedule: list[tuple[int, int]]) -> list[
 
 def build_hart(cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu") -> Hart:
     """A HART model with random weights drawn from ``seed`` (deterministic)."""
-    gen_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
-        with torch.device(device):
-            model = Hart(cfg)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval().requires_grad_(False)
+    return build_seeded(lambda: Hart(cfg), seed, device)

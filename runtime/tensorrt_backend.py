@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from toprovar.export.manifest import confined
+
 from .buffers import TORCH_DTYPES, is_oom, oom_error
 from .onnxruntime_backend import BackendUnavailable
 from .piece_backend import PieceBackend, PieceError
@@ -106,19 +108,18 @@ def engines_need_plugin(manifest) -> bool:
 
 def plugin_candidates(manifest, explicit: str | None = None) -> list[Path]:
     """Where the plugin library is looked for, in order: ``--plugin``, $TOPROVAR_FAE_PLUGIN, the files the
-    manifest's engines name (relative to the export directory), the export's ``plugins/``, the repository's
-    ``build/native/``."""
+    manifest's engines name inside the export directory (absolute paths recorded at build time are not
+    followed: pass --plugin), the export's ``plugins/``, the repository's ``build/native/``."""
     if explicit:
         return [Path(explicit)]
     out: list[Path] = []
     if os.environ.get(PLUGIN_ENV):
         out.append(Path(os.environ[PLUGIN_ENV]))
     root = Path(getattr(manifest, "root", "."))
-    for eng in manifest.get("engines", {}).values():
-        for p in eng.get("plugins", []) or []:
-            if p.endswith(".so") or "/" in p:
-                q = Path(p)
-                out.append(q if q.is_absolute() else root / q)
+    for eng in manifest.get("engines", {}).values():  # a manifest names libraries inside its directory only:
+        for p in eng.get("plugins", []) or []:          # it never makes the runtime load code from elsewhere
+            if p.endswith(".so") and not Path(p).is_absolute():
+                out.append(confined(root, p, "plugin"))
     out += [root / "plugins" / PLUGIN_LIBRARY, _REPO / "build" / "native" / PLUGIN_LIBRARY]
     seen, uniq = set(), []
     for p in out:

@@ -97,7 +97,14 @@ def test_missing_plugin_library_is_one_clear_error(tmp_path, monkeypatch):
         tb.find_plugin_library(m)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("TensorRT plugin library libtoprovar_fae_trt.so not found")
-    assert "/nonexistent/build/libtoprovar_fae_trt.so" in msg and "--plugin PATH" in msg
+    assert "--plugin PATH" in msg
+    # an absolute library path recorded by the builder is never followed: a manifest cannot make the runtime
+    # load code from outside its export directory (a relative one inside it is, one leading out is refused)
+    assert "/nonexistent" not in msg and all(str(c).startswith(str(tmp_path)) for c in tb.plugin_candidates(m))
+    inside = _manifest(tmp_path, {"plugins": ["plugins/own/libtoprovar_fae_trt.so"]})
+    assert tmp_path / "plugins/own/libtoprovar_fae_trt.so" in tb.plugin_candidates(inside)
+    with pytest.raises(ManifestError, match="not a path inside the export directory"):
+        tb.plugin_candidates(_manifest(tmp_path, {"plugins": ["../../evil/libtoprovar_fae_trt.so"]}))
     with pytest.raises(tb.PluginError, match="--plugin: TensorRT plugin library /no/such.so not found"):
         tb.find_plugin_library(m, "/no/such.so")
     # found in order: --plugin, $TOPROVAR_FAE_PLUGIN, the engine's recorded file, the export's plugins/

@@ -42,13 +42,13 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     text_weights = files["text_encoder"] if files else None
     if files:
         checkpoint, vae = files["model"], vae or files["vae"]
+    if cfg.is_hart and bool(checkpoint) != bool(vae):
+        raise ValueError(f"--checkpoint/--tokenizer: {cfg.name} needs both the transformer and the tokenizer "
+                         f"checkpoint (the codebook lives in the tokenizer), or neither (random weights)")
     for arg, path in (("--checkpoint", checkpoint), ("--vae", vae)):  # fail before building anything
         problem = path and file_problem(path)
         if problem:
             raise FileNotFoundError(f"{arg}: {path}: {problem}")
-    if cfg.is_hart and bool(checkpoint) != bool(vae):
-        raise ValueError(f"--checkpoint/--tokenizer: {cfg.name} needs both the transformer and the tokenizer "
-                         f"checkpoint (the codebook lives in the tokenizer), or neither (random weights)")
     if not text_encoder:
         te = None
     elif cfg.is_hart:

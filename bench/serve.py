@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from toprovar.benchmark.e2e import build_policy  # noqa: E402
 from toprovar.cli_args import DTYPES  # noqa: E402
 from toprovar.pipeline import Pipeline, resolve_schedule, vae_stride  # noqa: E402
 from toprovar.serving.client import Client, load, wait_ready  # noqa: E402
+from toprovar.serving.server import free_ports  # noqa: E402
 from toprovar.serving.service import PINNED  # noqa: E402
 
 N_TEXT = 32
@@ -89,16 +89,6 @@ def offline(args, device: torch.device, dtype: str) -> tuple[dict, list[dict]]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return runs, rows
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def serving(args, device: torch.device, dtype: str, log: Path) -> tuple[dict, list[dict]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,9 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not insta
 
 from toprovar.cli import main  # noqa: E402
 from toprovar.serving.client import Client, load  # noqa: E402
+from toprovar.serving.server import free_ports  # noqa: E402
 
 PROMPTS = ["a red square left of a blue circle", "two green triangles", "a yellow circle", "a blue square"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

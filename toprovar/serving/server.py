@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +34,17 @@ from .service import POLICY_NAMES
 MODEL_NAME = "toprovar"
 OPTIONS_FILE = "toprovar_options.json"  # the model's options, next to its model.py
 SHM_BYTES = 64 * 2**20  # Python-backend shared memory per instance (grows by the same step)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (for tests and benchmarks that start a server)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 class ServeError(RuntimeError):

@@ -47,7 +47,7 @@ from toprovar.config import get_config
 from toprovar.model import families
 from toprovar.model.hart import pieces as hart_pieces
 from toprovar.model.hart.pieces import HartNextInputPiece, cfg_schedule, normal_from_uniform
-from toprovar.runtime.orchestrator import ModelSpec, Orchestrator, uniform_noise
+from toprovar.runtime.orchestrator import ModelSpec, Orchestrator, row_seeds, uniform_noise
 from toprovar.runtime.torch_backend import TorchBackend
 
 from . import _hart_shims
@@ -189,9 +189,9 @@ def test_full_generation(pair, monkeypatch):
     recording_categorical.__wrapped__ = hart_pieces.categorical
     monkeypatch.setattr(hart_pieces, "categorical", recording_categorical)
     res = orch.generate(text, lengths, seed=seed, cfg=cfg_schedule(cfg, S), tau=1.0, top_p=0.0, progress=False)
-    # the same uniforms, fed to the official draws
+    # the same uniforms (one generator per row, as the orchestrator draws them), fed to the official draws
     counts = [p * p for p in CFG.patch_nums]
-    noise = uniform_noise(torch.Generator().manual_seed(seed), B, counts,
+    noise = uniform_noise([torch.Generator().manual_seed(s) for s in row_seeds(seed, B)], B, counts,
                           [spec.noise_width(s) for s in range(S)], torch.device("cpu"))
     V, Cv, steps = CFG.vocab_size, CFG.codebook_dim, CFG.diff_steps
     cat_u = _hart_shims.NoiseFeed([u[..., 0] for u in noise])

@@ -305,8 +305,9 @@ class TeacherBackend(TorchBackend):
         self.rec["logits"].append(self.model.logits(x, cond))
         return self.bits[si]
 
-    def decode(self, summed):
-        self.rec["summed"] = summed.clone()
+    def decode(self, summed):  # the orchestrator decodes a batch row by row: collect the rows
+        prev = self.rec.get("summed")
+        self.rec["summed"] = summed.clone() if prev is None else torch.cat([prev, summed])
         return super().decode(summed)
 
 

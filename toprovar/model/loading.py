@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,7 +47,8 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
         raise ValueError(f"--checkpoint/--tokenizer: {cfg.name} needs both the transformer and the tokenizer "
                          f"checkpoint (the codebook lives in the tokenizer), or neither (random weights)")
     for arg, path in (("--checkpoint", checkpoint), ("--vae", vae)):  # fail before building anything
-        problem = path and file_problem(path)
+        # HART's checkpoint and tokenizer may be the official directories (llm/, tokenizer/): checked on loading
+        problem = path and not (cfg.is_hart and Path(path).is_dir()) and file_problem(path)
         if problem:
             raise FileNotFoundError(f"{arg}: {path}: {problem}")
     if not text_encoder:

@@ -24,7 +24,8 @@ def _lin(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """t (N,) -> (N, W): Linear-SiLU-Linear of a 256-d sinusoidal embedding (cos half first)."""
+    """t (N,) -> (N, W) float32: Linear-SiLU-Linear of a 256-d sinusoidal embedding (cos half first); HART embeds
+    both the diffusion timestep and the scale index (``lvl_embed``) with it."""
 
     def __init__(self, width: int, freq_dim: int = 256):
         super().__init__()

@@ -35,7 +35,7 @@ from ...ops import attention
 from ..checkpoint import CheckpointError, check_state_dict, read_state_dict
 from ..layers import linear
 from ..seeded import build_seeded
-from .diffusion import DiffLoss
+from .diffusion import DiffLoss, TimestepEmbedder
 from .tokenizer import HybridQuantizer
 
 ROPE_BASE = 10000.0
@@ -58,24 +58,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-class LevelEmbedder(nn.Module):
-    """Scale index -> (C,) float32: Linear-SiLU-Linear of a 256-d sinusoidal embedding (cos half first)."""
-
-    def __init__(self, width: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, level: torch.Tensor) -> torch.Tensor:
-        """level (N,) -> (N, C) float32."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=level.device) / half)
-        args = level[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        l0, l2 = self.mlp[0], self.mlp[2]
-        return F.linear(F.silu(F.linear(emb, l0.weight.float(), l0.bias.float())), l2.weight.float(), l2.bias.float())
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +219,7 @@ class Hart(nn.Module):
         self.word_embed = nn.Linear(cfg.codebook_dim, C)
         self.context_embed = nn.Linear(cfg.text_channels, C)
         self.context_norm = RMSNorm(cfg.text_channels, eps)
-        self.lvl_embed = LevelEmbedder(C)
+        self.lvl_embed = TimestepEmbedder(C)  # the scale index embedded as the diffusion MLP embeds a timestep
         self.blocks = nn.ModuleList(HartBlock(C, cfg.num_heads, cfg.mlp_hidden, eps) for _ in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C, eps)
         self.head = nn.Linear(C, cfg.vocab_size)

@@ -60,16 +60,24 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="pinned,adaptive")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     pipe = Pipeline.load(args.model, device=str(device), dtype=DTYPES[dtype], seed=0, text_encoder=False)
-    pipe.compile = device.type == "cuda"
+    pipe.compile = device.type == "cuda" if args.compile is None else args.compile
     cfg = pipe.cfg
     S = len(resolve_schedule(cfg, None, 1.0))
     g = torch.Generator().manual_seed(0)
     rows, runs = [], {}
+    payload = {"model": args.model, "dtype": dtype, "device": str(device), "timing": timing_method(device),
+               "compile": pipe.compile, "runs": runs, "environment": environment(device)}
+
+    def write():  # after every row: a run stopped from outside keeps its rows
+        return write_results(f"batch_sets_{args.model}", payload, rows,
+                             f"Per-prompt kept sets vs one shared set, ToProVAR, {args.model} {dtype} "
+                             f"(median of {args.runs}, {timing_method(device)})", args.out)
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         make = (lambda: build_policy("toprovar", cfg.depth, None, S)) if mode == "pinned" else (
             lambda: make_policy("toprovar"))
@@ -84,17 +92,14 @@ def main(argv=None) -> int:
                 res[variant] = time_fn(fn, device, warmup=args.warmup, runs=args.runs)
                 kept = fn().trace.kept
                 res[variant + "_kept"] = kept
-            pipe.release_graphs()
+            pipe.release()
             a, b = res["per-prompt"]["median_ms"], res["shared"]["median_ms"]
             runs[f"{mode}/B{B}"] = res
             rows.append({"mode": mode, "batch": B, "per-prompt sets ms": a, "one shared set ms": b,
                          "cost %": 100 * (a - b) / b, "same kept counts": res["per-prompt_kept"] == res["shared_kept"]})
             print(json.dumps(rows[-1]), flush=True)
-    payload = {"model": args.model, "dtype": dtype, "device": str(device), "timing": timing_method(device),
-               "runs": runs, "environment": environment(device)}
-    md = write_results(f"batch_sets_{args.model}", payload, rows,
-                       f"Per-prompt kept sets vs one shared set, ToProVAR, {args.model} {dtype} "
-                       f"(median of {args.runs}, {timing_method(device)})", args.out)
+            write()
+    md = write()
     print(md.read_text())
     return 0
 

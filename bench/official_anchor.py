@@ -174,9 +174,11 @@ def run_gpu(args, payload: dict) -> float:
         except Exception as e:  # noqa: BLE001  (recorded per batch size; e.g. out of memory)
             payload["batches"][B] = {"error": one_line(e)}
             torch.cuda.empty_cache()
+            write(args, payload)
             continue
         payload["batches"][B] = {"timing": timing, "images_per_s": B / (timing["median_ms"] * 1e-3),
                                  "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        write(args, payload)
     first = payload["batches"].get(args.batch_sizes[0], {})
     if "error" in first:
         raise RuntimeError(first["error"])
@@ -205,6 +207,7 @@ def tiny_check(args, payload: dict) -> float:
         timing = {"median_ms": (time.perf_counter() - t0) * 1e3, "runs": 1, "clock": "wall, CPU"}
         payload["batches"][B] = {"timing": timing, "images_per_s": B / (timing["median_ms"] * 1e-3),
                                  "returned_batch": int(out[-1].shape[0]) if torch.is_tensor(out[-1]) else None}
+        write(args, payload)
     payload["timing"] = payload["batches"][args.batch_sizes[0]]["timing"]
     payload["returned"] = [type(x).__name__ for x in out]
     g = torch.Generator().manual_seed(0)
@@ -218,6 +221,30 @@ def tiny_check(args, payload: dict) -> float:
     payload["native_vs_f32_varlen_maxdiff"] = (a - b).abs().max().item()
     assert payload["native_vs_f32_varlen_maxdiff"] < 1e-5
     return payload["timing"]["median_ms"]
+
+
+def write(args, payload: dict, err: str | None = None) -> None:
+    """The JSON and Markdown of what is measured so far (after every batch size: a stopped run keeps them)."""
+    if "environment" not in payload:
+        try:
+            payload["environment"] = environment()
+        except Exception as e:  # noqa: BLE001
+            payload["environment"] = {"error": one_line(e)}
+    rows = []
+    for B in args.batch_sizes:
+        res = payload.get("batches", {}).get(B, {"timing": payload.get("timing", {})} if B == 1 else {})
+        t = res.get("timing", {})
+        row = {"implementation": "official Infinity (FoundationVision), SDPA path", "config": payload["config"],
+               "batch": B, "median_ms": t.get("median_ms", float("nan")),
+               "images/s": res.get("images_per_s", float("nan")), "min_ms": t.get("min_ms", "-"),
+               "max_ms": t.get("max_ms", "-"), "runs": t.get("runs", 0),
+               "peak GiB": res.get("peak_memory_gib", "-"), "fused_norm": payload.get("fused_norm", "-")}
+        if err or "error" in res:
+            row["error"] = res.get("error", err)
+        rows.append(row)
+    out_dir = Path(args.out_dir) if args.out_dir else (
+        RESULTS if not args.tiny_check else Path("/tmp/toprovar_official_anchor_tiny"))
+    write_results(args.out, payload, rows, "Peer anchor: official Infinity, unpruned, random weights", out_dir)
 
 
 def one_line(e: BaseException) -> str:
@@ -261,25 +288,7 @@ def main(argv=None) -> int:
         err = one_line(e)
         payload["error"] = err
         payload["traceback"] = traceback.format_exc()[-4000:]
-    try:
-        payload["environment"] = environment()
-    except Exception as e:  # noqa: BLE001
-        payload["environment"] = {"error": one_line(e)}
-    rows = []
-    for B in args.batch_sizes:
-        res = payload.get("batches", {}).get(B, {"timing": payload.get("timing", {})} if B == 1 else {})
-        t = res.get("timing", {})
-        row = {"implementation": "official Infinity (FoundationVision), SDPA path", "config": payload["config"],
-               "batch": B, "median_ms": t.get("median_ms", float("nan")),
-               "images/s": res.get("images_per_s", float("nan")), "min_ms": t.get("min_ms", "-"),
-               "max_ms": t.get("max_ms", "-"), "runs": t.get("runs", 0),
-               "peak GiB": res.get("peak_memory_gib", "-"), "fused_norm": payload.get("fused_norm", "-")}
-        if err or "error" in res:
-            row["error"] = res.get("error", err)
-        rows.append(row)
-    out_dir = Path(args.out_dir) if args.out_dir else (
-        RESULTS if not args.tiny_check else Path("/tmp/toprovar_official_anchor_tiny"))
-    write_results(args.out, payload, rows, "Peer anchor: official Infinity, unpruned, random weights", out_dir)
+    write(args, payload, err)
     if err:
         print(f"error: {err}", file=sys.stderr)
     print(f"official_anchor_ms={ms:.3f}" if not math.isnan(ms) else "official_anchor_ms=nan")

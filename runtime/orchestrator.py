@@ -536,8 +536,9 @@ class Orchestrator:
         return bits
 
     def release(self) -> None:
-        """Free the preallocated buffers and scale graphs (they are otherwise kept for the next call)."""
-        self.graphs.clear()
+        """Free the preallocated buffers, the scale graphs and the backend's block graphs (they are otherwise
+        kept for the next call)."""
+        self.release_graphs()
         self.ws.clear()
 
 

@@ -71,7 +71,7 @@ class ScaleGraphs:
         self.backend, self.max_plans = backend, max_plans
         self._plans: OrderedDict[tuple, ScalePlan] = OrderedDict()
         self._warm: set = set()
-        self._failed: set = set()
+        self._failed: dict[tuple, str] = {}  # plan key -> why its capture failed
 
     def plan(self, policy, st, ws) -> ScalePlan | None:
         """The plan to run this generation with (capturing or replaying), or None to run eagerly."""
@@ -107,12 +107,20 @@ class ScaleGraphs:
     def fail(self, plan: ScalePlan, exc: BaseException) -> None:
         """A capture failed: drop the plan, never graph its key again, and say so once."""
         self._plans.pop(plan.key, None)
-        self._failed.add(plan.key)
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self._failed[plan.key] = why
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed "
-                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                      "running eagerly", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed ({why}); running eagerly",
+                      RuntimeWarning, stacklevel=3)
+
+    def mode(self, batch: int) -> str:
+        """How the last generations of batch ``batch`` ran: 'graphs' (a plan of that batch replays), 'eager
+        (capture failed: why)', or 'eager' (graphs off, the policy is not graphable, or still warming up)."""
+        if any(p.key[1] == batch and not p.capturing for p in self._plans.values()):
+            return "graphs"
+        failed = [why for key, why in self._failed.items() if key[1] == batch]
+        return f"eager (capture failed: {failed[-1]})" if failed else "eager"
 
     def clear(self) -> bool:
         """Drop every plan (their graphs and memory pools); whether there were any."""

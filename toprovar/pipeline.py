@@ -71,6 +71,15 @@ class Pipeline:
         for orch in self._orchestrators.values():
             orch.release_graphs()
 
+    def release(self) -> None:
+        """Free every orchestrator's buffers (KV caches, workspace) and CUDA graphs, and the allocator's cached
+        blocks; the orchestrators (and compiled pieces) stay, the next generation allocates and captures again."""
+        for orch in self._orchestrators.values():
+            orch.release()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     def generate(self, prompts: Sequence[str], seed: int | Sequence[int] = 0, resolution: int | None = None,
                  h_div_w: float = 1.0, cfg: float | Sequence[float] | None = None,
                  tau: float | Sequence[float] | None = None, top_p: float | None = None,

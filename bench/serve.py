@@ -336,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             sections.append("\n".join(["## Peer anchor: official Infinity autoregressive_infer_cfg, unpruned (VAE "
                                        "decode not timed)", ""] + markdown_table(parts["official"])))
         res = f" {payload['resolution']}px" if "resolution" in payload else ""
-        title = (f"Serving and batched throughput, {args.model}{res} {dtype}, CFG 3 (offline: median of {args.runs} "
-                 f"after {args.warmup} warm-up, {payload['timing']}, torch.compile "
-                 f"{'on' if payload.get('offline', {}).get('compile') else 'off'})")
+        title = f"Serving and batched throughput, {args.model}{res} {dtype}, CFG 3"
+        if "offline" in parts:
+            title += (f" (offline: median of {args.runs} after {args.warmup} warm-up, {payload['timing']}, "
+                      f"torch.compile {'on' if payload['offline'].get('compile') else 'off'})")
         return write_results(stem, payload, parts.get("offline", []), title, out_dir, sections)
 
     def flusher(name: str):

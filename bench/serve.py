@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--name", default=None, help="result file stem (default serve_MODEL)")
     args = ap.parse_args(argv)
+    if argv is None:  # a command-line run stopped by `timeout`: unwind, so the server and the anchor are stopped
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")

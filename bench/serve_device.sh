@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 [ "$mode" = offline ] || [ "$mode" = serve ] || { echo "usage: bench/serve_device.sh offline|serve" >&2; exit 2; }
-: "${OUT:?bench/serve_device.sh: OUT is not set (the device tool's output folder)}"
+: "${OUT:?bench/serve_device.sh: OUT is not set (the output folder of the device tool)}"
 export PYTHONUNBUFFERED=1
 LIMIT=${SERVE_DEVICE_LIMIT:-540}  # seconds for the whole script, installs included
 left() { echo $((LIMIT - SECONDS)); }
@@ -23,18 +23,21 @@ exec > >(tee -a "$OUT/$mode.log") 2>&1
 
 if [ "$mode" = serve ]; then
   [ -f .whl/serve_site.tar.xz ] || { echo "serve: .whl/serve_site.tar.xz not carried (tools/device_wheels.sh)" >&2; exit 2; }
-  python3 -c "import tarfile; tarfile.open('.whl/serve_site.tar.xz').extractall('/tmp')" || exit 1
+  python3 -c "import tarfile; tarfile.open('.whl/serve_site.tar.xz').extractall('/tmp', filter='tar')" || exit 1
   export PYTHONPATH=/tmp/serve_site${PYTHONPATH:+:$PYTHONPATH}
   echo "serve_site extracted in ${SECONDS} s"
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+LIBDIR=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
 {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python3 -c "import sys, sysconfig, numpy, torch; print(sys.executable, sys.version.split()[0], 'LIBDIR',
-sysconfig.get_config_var('LIBDIR'), sysconfig.get_config_var('LDLIBRARY'), 'numpy', numpy.__version__, 'torch',
-torch.__version__)"
-  [ "$mode" = serve ] && LD_LIBRARY_PATH="$(python3 -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")" \
-    ldd /tmp/serve_site/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub | grep -i "python\|not found"
+  python3 -c 'import sys, sysconfig, numpy, torch; print(sys.executable, sys.version.split()[0], "LDLIBRARY",
+sysconfig.get_config_var("LDLIBRARY"), "numpy", numpy.__version__, "torch", torch.__version__)'
+  echo "LIBDIR $LIBDIR"
+  if [ "$mode" = serve ]; then
+    LD_LIBRARY_PATH=$LIBDIR ldd /tmp/serve_site/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub |
+      grep -i "python\|not found"
+  fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -53,7 +56,8 @@ if [ "$mode" = offline ]; then
 else
   # server startup (model load) <= 150 s, rows budget 330 s from the start of serve.py, shutdown <= 60 s
   timeout -k 10 "$(( $(left) - 10 ))" python3 bench/serve.py --model infinity-2b --no-offline --no-compile \
-    --concurrency 1,4,16 --serve-policies none,toprovar --max-batch 16 --queue-delay-ms 20 \
+    --concurrency 1,4,16 --requests-per-client 4 --min-requests 16 --serve-policies none,toprovar \
+    --max-batch 16 --queue-delay-ms 20 \
     --startup-timeout 150 --time-budget "$(( $(left) - 90 ))" --shutdown-timeout 60 \
     --name serve_infinity-2b_server --out "$OUT"
   echo "serve.py exit $? at ${SECONDS} s"

@@ -14,7 +14,8 @@ SITE=$W/serve_site
 OUT=$W/serve_site.tar.xz
 PINS=(nvidia-pytriton==0.7.0 tritonclient==2.73.0 numpy==1.26.4 grpcio==1.85.3 protobuf==6.33.6
       python-rapidjson==1.25 ml-dtypes==0.5.4 urllib3==2.8.0 packaging==26.4 geventhttpclient==2.6.1
-      gevent==26.9.0 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 certifi==2026.10.19.post1 brotli==1.2.1)
+      gevent==26.9.0 greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 certifi==2026.10.19.post1 brotli==1.2.1
+      typing-extensions==4.16.0)
 mkdir -p "$DL"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
@@ -28,6 +29,7 @@ for d in "$SITE"/*.data; do  # wheel data: purelib/platlib into the site, header
 done
 TS=$SITE/pytriton/tritonserver
 find "$TS/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name 3.12 -exec rm -rf {} +
+chmod +x "$TS/bin/tritonserver" "$TS/python_backend_stubs/3.12/triton_python_backend_stub"  # zipfile drops modes
 # bundled libraries that no kept binary loads (transitively): e.g. the 3.13 stub's libpython
 python3 - "$SITE" <<'EOF'
 import os, subprocess, sys

@@ -162,3 +162,14 @@ def test_serve_argument_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--http-port", "8000", "--grpc-port", "8000"]) == 2
     assert "three different ports" in capsys.readouterr().err
 
+
+
+def test_model_py_puts_the_servers_pythonpath_first(tmp_path, monkeypatch):
+    """The Python-backend stub ignores PYTHONPATH: model.py puts the server's PYTHONPATH directories (a carried
+    site with numpy<2) before the environment's site directories."""
+    from toprovar.serving.server import model_py
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    prefix = model_py().split("from toprovar")[0]
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(prefix, {})
+    assert sys.path[0] == str(tmp_path.resolve())

@@ -110,10 +110,13 @@ dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 
 
 def model_py() -> str:
-    """The repository's model.py: this environment's site directories (the stub's interpreter does not read
-    a virtual environment's .pth files), then the model class."""
+    """The repository's model.py: this process's PYTHONPATH directories first (the stub's interpreter ignores
+    PYTHONPATH: a carried site, e.g. numpy<2 over the environment's numpy 2, must win), then this environment's
+    site directories (the stub does not read a virtual environment's .pth files), then the model class."""
+    env = [str(Path(d).resolve()) for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d and Path(d).is_dir()]
     dirs = [d for d in site.getsitepackages() + [site.getusersitepackages()] if Path(d).is_dir()]
-    return ("import site\n"
+    return ("import site\nimport sys\n"
+            f"sys.path[:0] = {env!r}\n"
             f"for _d in {dirs!r}:\n"
             "    site.addsitedir(_d)\n"
             "from toprovar.serving.triton_model import TritonPythonModel  # noqa: E402,F401\n")

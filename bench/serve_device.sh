@@ -54,7 +54,7 @@ if [ "$mode" = offline ]; then
     echo "batch_sets.py skipped: $(left) s left"
   fi
 else
-  # server startup (model load) <= 150 s, rows budget 330 s from the start of serve.py, shutdown <= 60 s
+  # server startup (model load) <= 150 s; rows: what is left minus 90 s (skipped rows recorded); shutdown <= 60 s
   timeout -k 10 "$(( $(left) - 10 ))" python3 bench/serve.py --model infinity-2b --no-offline --no-compile \
     --concurrency 1,4,16 --requests-per-client 4 --min-requests 16 --serve-policies none,toprovar \
     --max-batch 16 --queue-delay-ms 20 \

@@ -47,6 +47,7 @@ VARIANTS = {
     "baseline": dict(text_kv_once=False, cache_writes_inside=False),
     "+kv-once": dict(text_kv_once=True, cache_writes_inside=False),
     "+compiled-writes": dict(text_kv_once=True, cache_writes_inside=True),
+    "+one-graph": dict(text_kv_once=True, cache_writes_inside=True, one_graph=True),
 }
 
 

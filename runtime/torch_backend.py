@@ -20,6 +20,10 @@ whole prefix per layer). Two options, on by default (``bench/small_scales.py`` m
   (``CachedBlockPiece.inputs_to_cache``), compiled with it: the write fuses into the kernels producing
   them instead of two copy kernels per block.
 
+``one_graph`` (off by default, with ``compile`` only): the whole block (both halves, the cache write and
+the self-attention) compiled as one graph, so Inductor may fuse across the attention call and the block
+issues fewer kernels (a candidate for the launch-bound first scales; measured by ``bench/small_scales.py``).
+
 ``compile=True`` runs the two halves of each block around its self-attention (``attention_inputs``,
 ``attention_outputs``) and the VAE decoder through ``torch.compile`` (Inductor): the per-block float32
 elementwise work (LayerNorm/AdaLN modulation, q/k normalisation, RoPE, residual updates) fuses into a
@@ -44,9 +48,9 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, decoder: torch.nn.Module, schedule: list[tuple[int, int]],
                  cuda_graphs: bool = False, compile: bool = False, text_kv_once: bool = True,
-                 cache_writes_inside: bool = True):
+                 cache_writes_inside: bool = True, one_graph: bool = False):
         """model: a family's transformer (``toprovar.model.families``: Infinity or HART); its pieces come from
-        the family. ``text_kv_once``, ``cache_writes_inside``: see the module docstring."""
+        the family. ``text_kv_once``, ``cache_writes_inside``, ``one_graph``: see the module docstring."""
         self.model, self.decoder = model, decoder
         self.device = model.word_embed.weight.device
         self.dtype = model.compute_dtype
@@ -58,7 +62,10 @@ class TorchBackend:
         self.blocks = [CachedBlockPiece(b, writes_inside=cache_writes_inside) for b in model.blocks]
         if compile:
             for p in self.blocks:
-                p.inputs, p.outputs = _compiled(p.inputs, dynamic=True), _compiled(p.outputs, dynamic=True)
+                if one_graph:
+                    p.whole = _compiled(p.forward, dynamic=True)
+                else:
+                    p.inputs, p.outputs = _compiled(p.inputs, dynamic=True), _compiled(p.outputs, dynamic=True)
             self._decode = _compiled(decoder, dynamic=False)
         self.head_pieces = [families.head_piece(model, schedule, si) for si in range(len(schedule))]
         self.next_pieces = [families.next_input_piece(model, schedule, si) for si in range(len(schedule))]

@@ -95,7 +95,7 @@ def test_small_scales_bench_runs_on_cpu(tmp_path):
     data = json.loads((tmp_path / "small_scales_tiny.json").read_text())
     assert [e["scale"] for e in data["scales"]] == [0, 2] and not data["skipped"]
     for e in data["scales"]:
-        assert set(e["ms"]) == {"baseline", "+kv-once", "+compiled-writes"}
+        assert set(e["ms"]) == {"baseline", "+kv-once", "+compiled-writes", "+one-graph"}
         assert e["floor_w_ms"] > 0 and e["floor_bytes_ms"] > e["floor_w_ms"] and e["floor_flop_ms"] > 0
     assert "| 2 |" in (tmp_path / "small_scales_tiny.md").read_text()
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "small_scales.py"), "--model", "tiny", "--device",

@@ -56,10 +56,11 @@ class CachedBlockPiece:
     ``inputs``/``outputs``: the block's ``attention_inputs``/``attention_outputs`` or compiled versions of
     them; with ``writes_inside`` ``inputs`` is ``inputs_to_cache`` (or a compiled version of it), which
     writes the new keys/values itself (compiled: from the kernels that produce them, no separate copies).
+    ``whole``: a compiled ``forward`` (the whole block in one graph) that calls replace, or None.
     """
 
     def __init__(self, block: CrossAttnBlock, inputs=None, outputs=None, writes_inside: bool = False):
-        self.block, self.writes_inside = block, writes_inside
+        self.block, self.writes_inside, self.whole = block, writes_inside, None
         self.inputs = inputs or (self.inputs_to_cache if writes_inside else block.attention_inputs)
         self.outputs = outputs or block.attention_outputs
 
@@ -70,8 +71,12 @@ class CachedBlockPiece:
         v_out.copy_(v)
         return q
 
-    def __call__(self, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past: int, entropy: bool,
-                 ca_kv_proj=None):
+    def __call__(self, *args):
+        """``forward``, or the compiled version of it that the PyTorch backend set as ``whole``."""
+        return (self.whole or self.forward)(*args)
+
+    def forward(self, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past: int, entropy: bool,
+                ca_kv_proj=None):
         """x (B', n, C) float32, ada, ca_kv, ca_lengths, rope as ``BlockPiece``; cache_k/cache_v
         (B', H, >= past+n, hd) holding ``past`` keys/values -> x (B', n, C) float32 and, with ``entropy``,
         the head-mean self-attention entropy (B', n) float32, else None. Writes cache[:, :, past:past+n].

@@ -15,7 +15,8 @@ H200 defaults):
 - ``floor_bytes``: floor_w + the KV-cache traffic (P + n keys and values read, n written, per layer);
 - ``floor_flop``: the blocks' FLOPs (``toprovar.policy.flops.block_flops`` without the text K/V
   projection) / peak;
-and ``x floor`` = best variant / max(floor_bytes, floor_flop).
+and ``x floor`` = best variant / max(floor_bytes, floor_flop). ``VARIANT diff``: the largest absolute
+difference of the scale's output (after all its blocks) from the first variant's on the same inputs.
 
 JSON and Markdown are rewritten after every measured (scale, variant); ``--time-budget`` seconds: no
 (scale, variant) starts after it (what ran is kept; the rest is listed as skipped). Scales run in the
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                "text_len": args.text_len, "bandwidth": args.bandwidth, "tflops": args.tflops,
                "variants": {v: VARIANTS[v] for v in variants}, "scales": [], "skipped": []}
     rows: list[dict] = []
+    ref: dict[int, torch.Tensor] = {}
 
     def write():
         write_results(name, payload, rows, f"{args.model}: per-scale time of the {depth} blocks (batch {Bp}, "
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"scale": si, "hw": [h, w], "n": n, "past": P, **fl, "ms": {}}
         payload["scales"].append(entry)
         row = {"scale": si, "n": n, "past": P, "floor_w ms": fl["floor_w_ms"], "floor_bytes ms": fl["floor_bytes_ms"],
-               "floor_flop ms": fl["floor_flop_ms"], **{f"{v} ms": "" for v in backends}, "x floor": ""}
+               "floor_flop ms": fl["floor_flop_ms"], **{f"{v} ms": "" for v in backends}, "x floor": "",
+               **{f"{v} diff": "" for v in backends}}
         rows.append(row)
         for v, be in backends.items():
             if time.perf_counter() - t_start > args.time_budget:
@@ -193,11 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                     del graph
                 else:
                     t = time_fn(run, "cpu", warmup=1, runs=args.runs)
+                y = run().float()
+            ref_y = ref.setdefault(si, y)  # the first variant's output on this scale's inputs
+            entry.setdefault("max_abs_diff", {})[v] = (y - ref_y).abs().max().item()
             entry["ms"][v] = t
             row[f"{v} ms"] = t["median_ms"]
             print(f"scale {si:2d} n={n:5d} P={P:5d} {v:18s} {t['median_ms']:9.3f} ms  (floor_w "
                   f"{fl['floor_w_ms']:.3f}, bytes {fl['floor_bytes_ms']:.3f}, flop {fl['floor_flop_ms']:.3f})",
                   flush=True)
+            row[f"{v} diff"] = entry["max_abs_diff"][v]
             row["x floor"] = min(e["median_ms"] for e in entry["ms"].values()) / max(fl["floor_bytes_ms"],
                                                                                      fl["floor_flop_ms"])
             write()

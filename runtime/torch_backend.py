@@ -91,7 +91,8 @@ class TorchBackend:
 
     def _project_text(self, ca_kv: torch.Tensor) -> torch.Tensor:
         """ca_kv (B', L, C) -> every block's text keys/values (B', depth, L, 2C) in the compute dtype (a
-        stable buffer with CUDA graphs: scale graphs read it)."""
+        stable buffer with CUDA graphs: scale graphs read it; it grows only with ca_kv's buffer, whose address
+        the scale plans are bound to, so a plan never reads a moved projection)."""
         Bp, L, C = ca_kv.shape
         shape = (Bp, len(self.blocks), L, 2 * C)
         out = self._ws.view("ca_kv_proj", shape, self.dtype) if self.cuda_graphs else torch.empty(

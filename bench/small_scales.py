@@ -28,7 +28,6 @@ order given (``--scales 0,1,2,12,3``: the most wanted first).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -187,15 +187,25 @@ def main(argv: list[str] | None = None) -> int:
                                              caches[layer][1].transpose(1, 2), P, False)
                 return y
 
-            with torch.no_grad():
-                run()  # compilation (this shape's specialisation) outside any capture
+            try:
+                with torch.no_grad():
+                    run()  # compilation (this shape's specialisation) outside any capture
+                    if cuda:
+                        replay, graph = graphed(run)
+                        t = time_fn(replay, "cuda", warmup=3, runs=args.runs)
+                        del graph
+                    else:
+                        t = time_fn(run, "cpu", warmup=1, runs=args.runs)
+                    y = run().float()
+            except Exception as exc:  # one variant failing (e.g. a compile error) must not lose the others
+                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                entry.setdefault("errors", {})[v] = msg
+                row[f"{v} ms"] = "error"
+                print(f"scale {si:2d} {v}: {msg}", flush=True)
                 if cuda:
-                    replay, graph = graphed(run)
-                    t = time_fn(replay, "cuda", warmup=3, runs=args.runs)
-                    del graph
-                else:
-                    t = time_fn(run, "cpu", warmup=1, runs=args.runs)
-                y = run().float()
+                    torch.cuda.synchronize()
+                write()
+                continue
             ref_y = ref.setdefault(si, y)  # the first variant's output on this scale's inputs
             entry.setdefault("max_abs_diff", {})[v] = (y - ref_y).abs().max().item()
             entry["ms"][v] = t

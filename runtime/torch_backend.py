@@ -9,7 +9,20 @@ buffers, so block calls replay with no input copies.
 
 Blocks run as ``CachedBlockPiece``: the new keys/values are written into the orchestrator's KV cache in
 place and attention reads the cache prefix, instead of the exported piece's concatenation (a copy of the
-whole prefix per layer).
+whole prefix per layer). Two options, on by default (``bench/small_scales.py`` measures them):
+
+- ``text_kv_once``: the cross-attention's text keys/values (``CrossAttention.kv_proj`` of ``ca_kv``, one
+  (B', L, C) x (C, 2C) product per block and scale) depend on the prompt only; ``condition`` computes them
+  for every block once per generation and the blocks read the rows of them that match the ``ca_kv`` rows
+  they are given (a strided view of the condition's ``ca_kv``: CFG rows, one prompt's rows). Infinity only
+  (HART blocks have no cross-attention).
+- ``cache_writes_inside``: the new keys/values are written into the cache by the first half of the block
+  (``CachedBlockPiece.inputs_to_cache``), compiled with it: the write fuses into the kernels producing
+  them instead of two copy kernels per block.
+
+``one_graph`` (off by default, with ``compile`` only): the whole block (both halves, the cache write and
+the self-attention) compiled as one graph, so Inductor may fuse across the attention call and the block
+issues fewer kernels (a candidate for the launch-bound first scales; measured by ``bench/small_scales.py``).
 
 ``compile=True`` runs the two halves of each block around its self-attention (``attention_inputs``,
 ``attention_outputs``) and the VAE decoder through ``torch.compile`` (Inductor): the per-block float32
@@ -23,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from toprovar.model import families
+from toprovar.model.layers import CrossAttnBlock
 from toprovar.model.pieces import CachedBlockPiece
 from .buffers import Workspace
 
@@ -33,21 +47,26 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, decoder: torch.nn.Module, schedule: list[tuple[int, int]],
-                 cuda_graphs: bool = False, compile: bool = False):
+                 cuda_graphs: bool = False, compile: bool = False, text_kv_once: bool = True,
+                 cache_writes_inside: bool = True, one_graph: bool = False):
         """model: a family's transformer (``toprovar.model.families``: Infinity or HART); its pieces come from
-        the family."""
+        the family. ``text_kv_once``, ``cache_writes_inside``, ``one_graph``: see the module docstring."""
         self.model, self.decoder = model, decoder
         self.device = model.word_embed.weight.device
         self.dtype = model.compute_dtype
         self.cond_pieces = {c: families.condition_piece(model, c) for c in (False, True)}
         self._decode = decoder
         self.compiled = compile
+        self.text_kv_once = text_kv_once and all(isinstance(b, CrossAttnBlock) for b in model.blocks)
+        self._ca_kv = self._ca_kv_proj = None  # the condition's ca_kv and its per-block projections
+        self.blocks = [CachedBlockPiece(b, writes_inside=cache_writes_inside) for b in model.blocks]
         if compile:
-            self.blocks = [CachedBlockPiece(b, _compiled(b.attention_inputs, dynamic=True),
-                                            _compiled(b.attention_outputs, dynamic=True)) for b in model.blocks]
+            for p in self.blocks:
+                if one_graph:
+                    p.whole = _compiled(p.forward, dynamic=True)
+                else:
+                    p.inputs, p.outputs = _compiled(p.inputs, dynamic=True), _compiled(p.outputs, dynamic=True)
             self._decode = _compiled(decoder, dynamic=False)
-        else:
-            self.blocks = [CachedBlockPiece(b) for b in model.blocks]
         self.head_pieces = [families.head_piece(model, schedule, si) for si in range(len(schedule))]
         self.next_pieces = [families.next_input_piece(model, schedule, si) for si in range(len(schedule))]
         self._head_x = None
@@ -63,10 +82,42 @@ class TorchBackend:
 
     def condition(self, text, lengths, cfg):
         out = self.cond_pieces[cfg](text, lengths)
-        if not self.cuda_graphs:
-            return out
-        names = ("cond", "ada", "ca_kv", "ca_lengths", "x0")
-        return tuple(self._ws.view(n, t.shape, t.dtype).copy_(t) for n, t in zip(names, out))
+        if self.cuda_graphs:
+            names = ("cond", "ada", "ca_kv", "ca_lengths", "x0")
+            out = tuple(self._ws.view(n, t.shape, t.dtype).copy_(t) for n, t in zip(names, out))
+        if self.text_kv_once:
+            self._ca_kv, self._ca_kv_proj = out[2], self._project_text(out[2])
+        return out
+
+    def _project_text(self, ca_kv: torch.Tensor) -> torch.Tensor:
+        """ca_kv (B', L, C) -> every block's text keys/values (B', depth, L, 2C) in the compute dtype (a
+        stable buffer with CUDA graphs: scale graphs read it; it grows only with ca_kv's buffer, whose address
+        the scale plans are bound to, so a plan never reads a moved projection)."""
+        Bp, L, C = ca_kv.shape
+        shape = (Bp, len(self.blocks), L, 2 * C)
+        out = self._ws.view("ca_kv_proj", shape, self.dtype) if self.cuda_graphs else torch.empty(
+            shape, dtype=self.dtype, device=self.device)
+        for i, p in enumerate(self.blocks):
+            out[:, i].copy_(p.block.ca.kv_proj(ca_kv))
+        return out
+
+    def _text_kv_rows(self, layer: int, ca_kv: torch.Tensor) -> torch.Tensor | None:
+        """The precomputed text keys/values (B, L, 2C) of block ``layer`` for the rows of ``ca_kv``, a view
+        (rows r0, r0 + s, ...: the orchestrator's CFG truncation or one prompt's rows) of the condition's
+        ca_kv; None when ``ca_kv`` is not such a view (then the block projects it itself)."""
+        base = self._ca_kv
+        if (base is None or ca_kv.dim() != 3 or ca_kv.shape[1:] != base.shape[1:] or ca_kv.stride()[1:] !=
+                base.stride()[1:] or ca_kv.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
+            return None
+        row, n = base.stride(0), ca_kv.shape[0]
+        off = ca_kv.storage_offset() - base.storage_offset()
+        step = ca_kv.stride(0) // row if n > 1 else 1
+        if off < 0 or off % row or (n > 1 and (ca_kv.stride(0) % row or step < 1)):
+            return None
+        start = off // row
+        if start + step * (n - 1) >= base.shape[0]:
+            return None
+        return self._ca_kv_proj[start::step][:ca_kv.shape[0], layer]
 
     def block(self, layer, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, entropy):
         """The Backend protocol's block (cache prefix in, new keys/values out): ``block_in_cache`` on a
@@ -80,7 +131,8 @@ class TorchBackend:
     def block_in_cache(self, layer, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past, entropy):
         """Block ``layer`` writing its new keys/values into cache_k/cache_v (B', H, >= past+n, hd) at
         [past, past+n) -> x (B', n, C) float32, entropy (B', n) float32 | None (``CachedBlockPiece``)."""
-        args = (x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past, entropy)
+        kv_proj = self._text_kv_rows(layer, ca_kv) if self.text_kv_once else None
+        args = (x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past, entropy, kv_proj)
         piece = self.blocks[layer]
         if self.cuda_graphs and not torch.cuda.is_current_stream_capturing():  # inside a scale graph: plain call
             try:

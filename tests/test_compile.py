@@ -36,9 +36,12 @@ def _block_inputs(cfg, model, n, P, g):
 
 
 @pytest.mark.parametrize("entropy", [False, True])
-def test_compiled_block_matches_float64(tiny, entropy):
+@pytest.mark.parametrize("one_graph", [False, True])
+def test_compiled_block_matches_float64(tiny, entropy, one_graph):
+    """The backend's default options (text K/V once, cache writes in the compiled half) and the whole block
+    as one compiled graph (``one_graph``)."""
     cfg, model = tiny
-    be = TorchBackend(model, build_decoder(cfg.vae, seed=0), [(1, 1)], compile=True)
+    be = TorchBackend(model, build_decoder(cfg.vae, seed=0), [(1, 1)], compile=True, one_graph=one_graph)
     ref = BlockPiece(copy.deepcopy(model.blocks[1]).double(), entropy)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     for n, P in [(1, 0), (4, 1), (16, 5), (23, 21), (36, 57)]:  # first scales, a pruned count, a later scale

@@ -71,9 +71,13 @@ def test_kv_cache_equals_teacher_forcing(tiny):
 
 
 @pytest.mark.parametrize("entropy", [False, True])
-def test_cached_block_piece_equals_block_piece(tiny, entropy):
+@pytest.mark.parametrize("writes_inside", [False, True])
+@pytest.mark.parametrize("kv_once", [False, True])
+def test_cached_block_piece_equals_block_piece(tiny, entropy, writes_inside, kv_once):
     """The in-place KV-cache form (PyTorch backend) against the exported form, float64: same x and entropy;
-    the new keys/values land in the cache at [P, P+n) and nothing else of the cache changes."""
+    the new keys/values land in the cache at [P, P+n) and nothing else of the cache changes. With the
+    backend's options: the cache written by the block's first half (``writes_inside``), the text K/V
+    projected beforehand (``kv_once``: ``ca.kv_proj`` of ca_kv handed in, ca_kv itself not passed)."""
     import copy
     cfg = tiny.cfg
     blk = copy.deepcopy(tiny.blocks[2]).double()
@@ -88,7 +92,11 @@ def test_cached_block_piece_equals_block_piece(tiny, entropy):
     cache_v = torch.randn_like(cache_k)
     before_k, before_v = cache_k.clone(), cache_v.clone()
     want = BlockPiece(blk, entropy)(x, ada, ca_kv, ca_len, rope, cache_k[:, :, :P], cache_v[:, :, :P])
-    got_x, got_ent = CachedBlockPiece(blk)(x, ada, ca_kv, ca_len, rope, cache_k, cache_v, P, entropy)
+    piece = CachedBlockPiece(blk, writes_inside=writes_inside)
+    if kv_once:
+        got_x, got_ent = piece(x, ada, None, ca_len, rope, cache_k, cache_v, P, entropy, blk.ca.kv_proj(ca_kv))
+    else:
+        got_x, got_ent = piece(x, ada, ca_kv, ca_len, rope, cache_k, cache_v, P, entropy)
     torch.testing.assert_close(got_x, want[0], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(cache_k[:, :, P:P + n], want[1], atol=0, rtol=0)
     torch.testing.assert_close(cache_v[:, :, P:P + n], want[2], atol=0, rtol=0)

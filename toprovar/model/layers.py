@@ -114,11 +114,22 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor | None, kv: torch.Tensor, kv_lengths: torch.Tensor) -> torch.Tensor:
-        """x (B, n, C) or None when pooling; kv (B, L, C_kv); kv_lengths (B,) int -> (B, n or 1, C)."""
-        B, L, _ = kv.shape
+    def kv_proj(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv (B, L, C_kv) -> the text keys and values (B, L, 2C) in the compute dtype (``split_kv`` splits
+        them); they depend on the text only, so a generation may compute them once for every scale."""
         bias = torch.cat([self.zero_k_bias.to(self.v_bias.dtype), self.v_bias])
-        k, v = linear(kv, self.mat_kv, bias).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return linear(kv, self.mat_kv, bias)
+
+    def split_kv(self, kv_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, 2C) (any row stride, contiguous rows) -> k, v (B, H, L, hd) views."""
+        return kv_proj.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor | None, kv: torch.Tensor | None, kv_lengths: torch.Tensor,
+                kv_proj: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, n, C) or None when pooling; kv (B, L, C_kv); kv_lengths (B,) int -> (B, n or 1, C).
+        ``kv_proj``: ``kv_proj(kv)`` computed beforehand (then ``kv`` is unused)."""
+        k, v = self.split_kv(self.kv_proj(kv) if kv_proj is None else kv_proj)
+        B = k.shape[0]
         if self.pool:
             q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)
         else:
@@ -167,13 +178,16 @@ class CrossAttnBlock(nn.Module):
         _, _, s1, _, b1, _ = self.modulation(ada)
         return self.sa.qkv(layer_norm(x, self.eps) * (s1 + 1) + b1, rope)
 
-    def attention_outputs(self, x: torch.Tensor, ada: torch.Tensor, o: torch.Tensor, ca_kv: torch.Tensor,
-                          ca_lengths: torch.Tensor) -> torch.Tensor:
+    def attention_outputs(self, x: torch.Tensor, ada: torch.Tensor, o: torch.Tensor, ca_kv: torch.Tensor | None,
+                          ca_lengths: torch.Tensor, ca_kv_proj: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, n, C) float32 (the block's input), o (B, H, n, hd) the self-attention output ->
-        x (B, n, C) float32 after the self-attention residual, the cross-attention and the FFN."""
+        x (B, n, C) float32 after the self-attention residual, the cross-attention and the FFN.
+        ``ca_kv_proj``: the cross-attention's text keys/values ``ca.kv_proj(ca_kv)`` (B, L, 2C), computed
+        beforehand (then ``ca_kv`` is unused)."""
         g1, g2, _, s2, _, b2 = self.modulation(ada)
         x = x + self.sa.output(o).float() * g1
-        x = x + self.ca(layer_norm(x, self.eps, self.ca_norm.weight, self.ca_norm.bias), ca_kv, ca_lengths).float()
+        x = x + self.ca(layer_norm(x, self.eps, self.ca_norm.weight, self.ca_norm.bias), ca_kv, ca_lengths,
+                        ca_kv_proj).float()
         h = layer_norm(x, self.eps) * (s2 + 1) + b2
         return x + self.ffn(h).float() * g2
 

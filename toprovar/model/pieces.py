@@ -51,26 +51,49 @@ class CachedBlockPiece:
     ONNX has no in-place writes, so the exported ``BlockPiece`` takes the cache prefix and concatenates
     the new keys/values to it, a copy of the whole prefix per layer (at the 2B last scale, 10.5k keys and
     values per layer for 4k new ones). Here the same block methods run with the new keys/values written
-    into the cache at [P, P+n) and attention reading the prefix [0, P+n) in place. ``inputs``/``outputs``
-    are the block's ``attention_inputs``/``attention_outputs`` or compiled versions of them.
+    into the cache at [P, P+n) and attention reading the prefix [0, P+n) in place.
+
+    ``inputs``/``outputs``: the block's ``attention_inputs``/``attention_outputs`` or compiled versions of
+    them; with ``writes_inside`` ``inputs`` is ``inputs_to_cache`` (or a compiled version of it), which
+    writes the new keys/values itself (compiled: from the kernels that produce them, no separate copies).
+    ``whole``: a compiled ``forward`` (the whole block in one graph) that calls replace, or None.
     """
 
-    def __init__(self, block: CrossAttnBlock, inputs=None, outputs=None):
-        self.block = block
-        self.inputs = inputs or block.attention_inputs
+    def __init__(self, block: CrossAttnBlock, inputs=None, outputs=None, writes_inside: bool = False):
+        self.block, self.writes_inside, self.whole = block, writes_inside, None
+        self.inputs = inputs or (self.inputs_to_cache if writes_inside else block.attention_inputs)
         self.outputs = outputs or block.attention_outputs
 
-    def __call__(self, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past: int, entropy: bool):
+    def inputs_to_cache(self, x, ada, rope, k_out, v_out):
+        """``attention_inputs`` writing k, v into k_out/v_out (B', H, n, hd) views of the cache -> q."""
+        q, k, v = self.block.attention_inputs(x, ada, rope)
+        k_out.copy_(k)
+        v_out.copy_(v)
+        return q
+
+    def __call__(self, *args):
+        """``forward``, or the compiled version of it that the PyTorch backend set as ``whole``."""
+        return (self.whole or self.forward)(*args)
+
+    def forward(self, x, ada, ca_kv, ca_lengths, rope, cache_k, cache_v, past: int, entropy: bool,
+                ca_kv_proj=None):
         """x (B', n, C) float32, ada, ca_kv, ca_lengths, rope as ``BlockPiece``; cache_k/cache_v
         (B', H, >= past+n, hd) holding ``past`` keys/values -> x (B', n, C) float32 and, with ``entropy``,
-        the head-mean self-attention entropy (B', n) float32, else None. Writes cache[:, :, past:past+n]."""
-        q, k, v = self.inputs(x, ada, rope)
-        end = past + k.shape[2]
-        cache_k[:, :, past:end].copy_(k)
-        cache_v[:, :, past:end].copy_(v)
+        the head-mean self-attention entropy (B', n) float32, else None. Writes cache[:, :, past:past+n].
+        ``ca_kv_proj``: the cross-attention's text keys/values (B', L, 2C) computed beforehand
+        (``CrossAttention.kv_proj``; Infinity blocks only), then ``ca_kv`` is not read."""
+        end = past + x.shape[1]
+        if self.writes_inside:
+            q = self.inputs(x, ada, rope, cache_k[:, :, past:end], cache_v[:, :, past:end])
+        else:
+            q, k, v = self.inputs(x, ada, rope)
+            cache_k[:, :, past:end].copy_(k)
+            cache_v[:, :, past:end].copy_(v)
         o, ent = self.block.sa.attend(q, cache_k[:, :, :end], cache_v[:, :, :end],
                                       entropy="mean" if entropy else None)
-        return self.outputs(x, ada, o, ca_kv, ca_lengths), ent
+        if ca_kv_proj is None:
+            return self.outputs(x, ada, o, ca_kv, ca_lengths), ent
+        return self.outputs(x, ada, o, None, ca_lengths, ca_kv_proj), ent
 
 
 class HeadPiece(nn.Module):

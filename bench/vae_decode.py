@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,18 +78,23 @@ def main() -> None:
                 img = f"{tmp}/{i}.pt"
                 cmd = [sys.executable, __file__, "--vae", args.vae, "--runs", str(args.runs), "--device", args.device,
                        "--one", json.dumps({"variant": v.as_dict(), "image": img})]
+                # own process group: a timeout ends the variant and its compile workers
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
                 try:
-                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
-                    if r.returncode:
-                        row["status"] = "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
+                    stdout, stderr = proc.communicate(timeout=left)
+                    if proc.returncode:
+                        row["status"] = "failed: " + (stderr.strip().splitlines() or ["?"])[-1][:160]
                     else:
-                        row.update(json.loads(r.stdout.strip().splitlines()[-1]))
+                        row.update(json.loads(stdout.strip().splitlines()[-1]))
                         image = torch.load(img)
                         if v == REFERENCE:
                             ref = image
                         if ref is not None:
                             row["max abs diff vs fp32"] = (image - ref).abs().max().item()
                 except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
                     row["status"] = f"timeout ({left:.0f} s)"
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -3,7 +3,7 @@
 Each variant of ``toprovar.benchmark.vae_variants`` (float32 with TF32 / bfloat16 / float16, plain or subpixel
 upsample convs, contiguous or channels-last, eager or torch.compile) runs in its own subprocess under
 --candidate-timeout s (and what is left of --budget s): median of --runs CUDA-event timings after warm-up
-(compilation is warm-up), on the same latent (1, 32, 64, 64), and the max abs difference of its image to the
+(compilation is warm-up), on the same latent (1, d, --latent, --latent), and the max abs difference of its image to the
 float32 plain eager image. JSON + Markdown are rewritten after every row; a variant that times out or fails
 gets a row saying so.
 
@@ -28,12 +28,12 @@ from toprovar.benchmark.vae_variants import REFERENCE, Variant, prepare, variant
 from toprovar.model.vae import build_decoder
 
 
-def run_one(vae: str, variant: Variant, runs: int, image_path: str, device: str) -> dict:
+def run_one(vae: str, variant: Variant, runs: int, image_path: str, device: str, side: int) -> dict:
     """Time one variant; saves its image (float32, CPU) to ``image_path``."""
     dev = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dec = build_decoder(vae, seed=0)
-    z = torch.randn(1, dec.cfg.codebook_dim, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.2
+    z = torch.randn(1, dec.cfg.codebook_dim, side, side, generator=torch.Generator().manual_seed(0)) * 0.2
     fn, conv = prepare(dec, variant, dev)
     zin = conv(z)
     t0 = time.perf_counter()
@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vae", default="infinity-2b")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--latent", type=int, default=64, help="latent side (64: 1024 px with infinity-2b)")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds for all variants")
     ap.add_argument("--candidate-timeout", type=float, default=120.0, help="seconds per variant (subprocess)")
     ap.add_argument("--out", default=str(RESULTS), help="output directory of vae_decode.{json,md}")
@@ -59,12 +60,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         spec = json.loads(args.one)
-        print(json.dumps(run_one(args.vae, Variant(**spec["variant"]), args.runs, spec["image"], args.device)))
+        print(json.dumps(run_one(args.vae, Variant(**spec["variant"]), args.runs, spec["image"], args.device, args.latent)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/vae_decode.py: --device cuda: CUDA is not available")
     out, t_end = Path(args.out), time.monotonic() + args.budget
-    payload = {"vae": args.vae, "latent": [1, 32, 64, 64], "runs": args.runs, "budget_s": args.budget,
+    payload = {"vae": args.vae, "latent_side": args.latent, "runs": args.runs, "budget_s": args.budget,
                "candidate_timeout_s": args.candidate_timeout, "environment": environment(args.device)}
     rows, ref = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +78,7 @@ def main() -> None:
             else:
                 img = f"{tmp}/{i}.pt"
                 cmd = [sys.executable, __file__, "--vae", args.vae, "--runs", str(args.runs), "--device", args.device,
+                       "--latent", str(args.latent),
                        "--one", json.dumps({"variant": v.as_dict(), "image": img})]
                 # own process group: a timeout ends the variant and its compile workers
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -99,7 +101,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_results("vae_decode", {**payload, "rows": rows}, rows,
-                          f"VAE decode 1024x1024 ({args.vae} decoder, random weights, median of {args.runs})", out)
+                          f"VAE decode, latent {args.latent}x{args.latent} ({args.vae} decoder, random weights, median of {args.runs})", out)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,20 @@ def test_vae_dtype_option_reaches_the_decoder():
     with torch.no_grad():
         err = (bf.decoder(z.bfloat16()).double() - auto.decoder.double()(z.double())).abs().max().item()
     assert err < 0.05  # bf16 decode of the same weights, images in [-1, 1]
+
+
+def test_benchmark_variants_decode_the_same_image():
+    """Every eager variant of bench/vae_decode.py on the tiny decoder against its float64 plain decode."""
+    import copy
+
+    from toprovar.benchmark.vae_variants import prepare, variants
+    base = build_decoder("tiny", seed=None).eval()
+    z = torch.randn(1, 16, 4, 4) * 0.5
+    with torch.no_grad():
+        ref = copy.deepcopy(base).double().set_layout(subpixel=False)(z.double())
+        tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}  # images in [-1, 1]
+        for v in (v for v in variants() if not v.compiled):
+            fn, conv = prepare(copy.deepcopy(base), v, torch.device("cpu"))
+            out = fn(conv(z))
+            assert out.dtype == getattr(torch, v.dtype)
+            assert (out.double() - ref).abs().max().item() < tol[v.dtype], v.label

@@ -1,60 +1,107 @@
-"""VAE decode at 1024x1024 (infinity-2b decoder, random weights): which dtype / layout / cuDNN mode is fastest.
+"""VAE decode at 1024x1024 (infinity-2b decoder, random weights): which dtype / layout / compile is fastest.
 
-The decoder is 19% of the unpruned end-to-end time and does not shrink with pruning. Variants, each timed
-with CUDA events (median of --runs after warm-up) on the same latent (1, 32, 64, 64): float32 (TF32 convs,
-the runtime's current setting) and bfloat16, contiguous and channels-last, with and without
-``torch.backends.cudnn.benchmark`` (algorithm search per shape), and both dtypes through torch.compile (what
-``toprovar bench`` runs). Also the max abs difference to float32.
+Each variant of ``toprovar.benchmark.vae_variants`` (float32 with TF32 / bfloat16 / float16, plain or subpixel
+upsample convs, contiguous or channels-last, eager or torch.compile) runs in its own subprocess under
+--candidate-timeout s (and what is left of --budget s): median of --runs CUDA-event timings after warm-up
+(compilation is warm-up), on the same latent (1, d, --latent, --latent), and the max abs difference of its image to the
+float32 plain eager image. JSON + Markdown are rewritten after every row; a variant that times out or fails
+gets a row saying so.
 
-    python bench/vae_decode.py        # writes bench/results/vae_decode.{json,md}
+    python bench/vae_decode.py --budget 150 --candidate-timeout 60 --out bench/results
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
-from common import environment, time_cuda, write_results
+from common import RESULTS, environment, time_fn, write_results
 
+from toprovar.benchmark.vae_variants import REFERENCE, Variant, prepare, variants
 from toprovar.model.vae import build_decoder
+
+
+def run_one(vae: str, variant: Variant, runs: int, image_path: str, device: str, side: int) -> dict:
+    """Time one variant; saves its image (float32, CPU) to ``image_path``."""
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dec = build_decoder(vae, seed=0)
+    z = torch.randn(1, dec.cfg.codebook_dim, side, side, generator=torch.Generator().manual_seed(0)) * 0.2
+    fn, conv = prepare(dec, variant, dev)
+    zin = conv(z)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        img = fn(zin)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        t = time_fn(lambda: fn(zin), dev.type, warmup=2, runs=runs)
+    torch.save(img.float().cpu(), image_path)
+    return {"median ms": t["median_ms"], "first call s": first_s}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vae", default="infinity-2b")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--latent", type=int, default=64, help="latent side (64: 1024 px with infinity-2b)")
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds for all variants")
+    ap.add_argument("--candidate-timeout", type=float, default=120.0, help="seconds per variant (subprocess)")
+    ap.add_argument("--out", default=str(RESULTS), help="output directory of vae_decode.{json,md}")
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: JSON variant, image path
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    base = build_decoder(args.vae, seed=0).to(dev).eval().requires_grad_(False)
-    z = (torch.randn(1, base.cfg.codebook_dim, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.2).to(dev)
-    with torch.no_grad():
-        ref = base(z).float()
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for channels_last in (False, True):
-            for bench in (False, True):
-                dec = build_decoder(args.vae, seed=0).to(dev, dtype).eval().requires_grad_(False)
-                fmt = torch.channels_last if channels_last else torch.contiguous_format
-                dec = dec.to(memory_format=fmt)
-                zin = z.to(dtype).contiguous(memory_format=fmt)
-                with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=bench,
-                                                                 deterministic=False, allow_tf32=True):
-                    t = time_cuda(lambda: dec(zin), warmup=3, runs=args.runs)
-                    err = (dec(zin).float() - ref).abs().max().item()
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
-                             "cudnn_benchmark": bench, "median ms": t["median_ms"], "max abs diff vs fp32": err})
-                print(rows[-1], flush=True)
-    for dtype in (torch.float32, torch.bfloat16):  # torch.compile (Inductor fuses GroupNorm + SiLU, adds)
-        dec = torch.compile(build_decoder(args.vae, seed=0).to(dev, dtype).eval().requires_grad_(False))
-        zin = z.to(dtype)
-        with torch.no_grad():
-            t = time_cuda(lambda: dec(zin), warmup=3, runs=args.runs)
-            err = (dec(zin).float() - ref).abs().max().item()
-        rows.append({"dtype": str(dtype).removeprefix("torch.") + " compiled", "channels_last": False,
-                     "cudnn_benchmark": False, "median ms": t["median_ms"], "max abs diff vs fp32": err})
-        print(rows[-1], flush=True)
-    write_results("vae_decode", {"vae": args.vae, "latent": [1, base.cfg.codebook_dim, 64, 64],
-                                 "environment": environment(dev)}, rows,
-                  f"VAE decode 1024x1024 ({args.vae} decoder, random weights, median of {args.runs})")
+    if args.one:
+        spec = json.loads(args.one)
+        print(json.dumps(run_one(args.vae, Variant(**spec["variant"]), args.runs, spec["image"], args.device, args.latent)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/vae_decode.py: --device cuda: CUDA is not available")
+    out, t_end = Path(args.out), time.monotonic() + args.budget
+    payload = {"vae": args.vae, "latent_side": args.latent, "runs": args.runs, "budget_s": args.budget,
+               "candidate_timeout_s": args.candidate_timeout, "environment": environment(args.device)}
+    rows, ref = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, v in enumerate(variants()):
+            left = min(args.candidate_timeout, t_end - time.monotonic())
+            row = {"variant": v.label, **v.as_dict(), "median ms": float("nan"), "first call s": float("nan"),
+                   "max abs diff vs fp32": float("nan"), "status": "ok"}
+            if left < 5:
+                row["status"] = "skipped (budget)"
+            else:
+                img = f"{tmp}/{i}.pt"
+                cmd = [sys.executable, __file__, "--vae", args.vae, "--runs", str(args.runs), "--device", args.device,
+                       "--latent", str(args.latent),
+                       "--one", json.dumps({"variant": v.as_dict(), "image": img})]
+                # own process group: a timeout ends the variant and its compile workers
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+                try:
+                    stdout, stderr = proc.communicate(timeout=left)
+                    if proc.returncode:
+                        row["status"] = "failed: " + (stderr.strip().splitlines() or ["?"])[-1][:160]
+                    else:
+                        row.update(json.loads(stdout.strip().splitlines()[-1]))
+                        image = torch.load(img)
+                        if v == REFERENCE:
+                            ref = image
+                        if ref is not None:
+                            row["max abs diff vs fp32"] = (image - ref).abs().max().item()
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
+                    row["status"] = f"timeout ({left:.0f} s)"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_results("vae_decode", {**payload, "rows": rows}, rows,
+                          f"VAE decode, latent {args.latent}x{args.latent} ({args.vae} decoder, random weights, median of {args.runs})", out)
 
 
 if __name__ == "__main__":

@@ -386,6 +386,7 @@ def load_vae_decoder(req: ExportRequest, cfg):
         dec = vae_mod.load_vae_decoder(req.vae, cfg.vae)
     else:
         dec = vae_mod.build_decoder(cfg.vae, seed=req.weights_seed)
+    dec.set_layout(subpixel=True)  # the torch backend's layout (load_parts); float32 here
     return dec.eval().requires_grad_(False), {"name": cfg.vae, "source": req.vae or f"random (seed {req.weights_seed})",
                                               "stride": vae_stride(cfg)}
 

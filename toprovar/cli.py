@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import (DTYPES, OneLineParser, add_generation_args, add_model_args, check_device, error_line,
+from .cli_args import (DTYPES, vae_dtype, OneLineParser, add_generation_args, add_model_args, check_device, error_line,
                        print_report)
 
 
@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_calibration_model(policy, model_cfg.name)
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5,
                          device=args.device, dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
-                         keep_fp32_params=args.keep_fp32_params)
+                         keep_fp32_params=args.keep_fp32_params, vae_dtype=vae_dtype(args.vae_dtype))
     pipe.compile = args.compile
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights ({', '.join(pipe.random_parts)}): the image is "

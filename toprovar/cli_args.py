@@ -11,6 +11,7 @@ import sys
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_DTYPES = ("auto", *sorted(DTYPES))
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 64 bits
 
 
@@ -125,6 +126,17 @@ def check_device(name: str) -> str:
     return name
 
 
+def add_vae_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--vae-dtype (generate, bench, serve): the VAE decoder's compute dtype."""
+    p.add_argument("--vae-dtype", choices=VAE_DTYPES, default="auto",
+                   help="VAE decoder dtype (auto: the model dtype on CUDA, float32 on the CPU)")
+
+
+def vae_dtype(name: str) -> torch.dtype | None:
+    """A ``--vae-dtype`` value -> the dtype, or None for auto (``load_parts`` decides)."""
+    return None if name == "auto" else DTYPES[name]
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model and weights to load, and where (shared by ``generate`` and ``calibrate``)."""
     p.add_argument("--model", default="shapes",
@@ -144,6 +156,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --dtype bfloat16/float16: keep the blocks' ada_gss, ca_norm and scale_mul float32 "
                         "(default: cast like the official load_infinity)")
     p.add_argument("--weights-seed", type=seed_value, default=0, help="seed of the random weights (no checkpoint)")
+    add_vae_dtype_arg(p)
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ class Pipeline:
     @classmethod
     def load(cls, model: str = "tiny", **kw) -> "Pipeline":
         """A pipeline over ``load_parts(model, **kw)`` (checkpoint, vae, t5, device, dtype, seed, text_encoder,
-        weights, keep_fp32_params; random seeded weights where none are given)."""
+        weights, keep_fp32_params, vae_dtype; random seeded weights where none are given)."""
         p = load_parts(model, **kw)
         return cls(p.cfg, p.model, p.decoder, p.text_encoder, p.random_parts)
 
@@ -113,7 +113,7 @@ class Pipeline:
 
 def generate(prompts: Sequence[str] | str, model: str = "tiny", seed: int = 0, **kw) -> np.ndarray:
     """One-call generation: prompts -> (B, H, W, 3) uint8 images (random weights unless given)."""
-    load_kw = {k: kw.pop(k) for k in ("checkpoint", "vae", "t5", "device", "dtype") if k in kw}
+    load_kw = {k: kw.pop(k) for k in ("checkpoint", "vae", "t5", "device", "dtype", "vae_dtype") if k in kw}
     pipe = Pipeline.load(model, **load_kw)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     return to_uint8(pipe.generate(prompts, seed=seed, **kw).images)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import DTYPES
+from ..cli_args import DTYPES, add_vae_dtype_arg, vae_dtype
 from ..pipeline import Pipeline, resolve_schedule, vae_stride
 from ..policy import POLICIES, Policy, ToProVARConfig, make_policy, policy_report
 from ..policy.toprovar import ToProVARPolicy
@@ -106,6 +106,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on the CPU")
+    add_vae_dtype_arg(p)
     p.add_argument("--resolution", type=int, default=None,
                    help="longer image side in pixels (default: the model's, 1024 for Infinity, 64 for tiny)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per policy (median reported)")
@@ -153,7 +154,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
         check_calibration_model(build_policy(name, model_cfg.depth, args.calibration, S), model_cfg.name)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     pipe = Pipeline.load(args.model, device=str(device), dtype=DTYPES[dtype_name], seed=args.weights_seed,
-                         text_encoder=False)
+                         text_encoder=False, vae_dtype=vae_dtype(args.vae_dtype))
     pipe.cuda_graphs = not args.no_cuda_graphs
     pipe.compile = device.type == "cuda" if args.compile is None else args.compile
     cfg = pipe.cfg
@@ -214,7 +215,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[dict], Path]:
                      "kept (last run scale)": rep["scale_kept_fraction"][max(prof.trace.kept)],
                      "overhead %": 100 * run.get("policy_overhead_ms", 0.0) / ms})
         print(json.dumps(rows[-1]), flush=True)
-    payload = {"model": args.model, "resolution": resolution, "dtype": dtype_name, "batch": 1,
+    payload = {"model": args.model, "resolution": resolution, "dtype": dtype_name,
+               "vae_dtype": str(next(pipe.decoder.parameters()).dtype).removeprefix("torch."), "batch": 1,
                "cfg": cfg_scale, "cuda_graphs": pipe.cuda_graphs and device.type == "cuda",
                "compile": pipe.compile, "scale_graphs": pipe.cuda_graphs and device.type == "cuda",
                "device": str(device),

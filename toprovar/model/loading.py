@@ -29,13 +29,15 @@ class ModelParts:
 def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | None = None,
                t5: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                seed: int = 0, text_encoder: bool = True, weights: str | None = None,
-               keep_fp32_params: bool = False) -> ModelParts:
+               keep_fp32_params: bool = False, vae_dtype: torch.dtype | None = None) -> ModelParts:
     """Build from a config name; real weights from ``checkpoint``/``vae``/``t5``, else random (seeded).
 
     A config with packaged weights (``shapes``) loads them, the transformer from ``checkpoint`` when given;
     ``weights`` names another directory of that layout (model / vae / text_encoder ``.safetensors``, as written
     by tools/train_small.py). text_encoder=False builds no text encoder: generate from precomputed features.
     keep_fp32_params: see ``Infinity.to_inference_dtype`` (a non-float32 ``dtype`` only).
+    vae_dtype: the decoder's dtype; None: ``dtype`` on CUDA, float32 on the CPU. A BSQ decoder runs its
+    upsample convs in the subpixel layout (``BSQDecoder.set_layout``; same weights and state dict).
     HART: ``vae`` is the tokenizer checkpoint (decoder and codebook), ``t5`` the Qwen2 text encoder directory.
     """
     cfg = get_config(model)
@@ -76,7 +78,11 @@ def load_parts(model: str = "tiny", checkpoint: str | None = None, vae: str | No
     if dtype != torch.float32:
         net.to_inference_dtype(dtype, keep_fp32_params)
     net = net.to(device)
-    dec = dec.to(device).eval().requires_grad_(False)
+    if hasattr(dec, "set_layout"):
+        dec.set_layout(subpixel=True)  # re-arranged in float32, then cast
+    if vae_dtype is None:
+        vae_dtype = dtype if torch.device(device).type == "cuda" else torch.float32
+    dec = dec.to(device, vae_dtype).eval().requires_grad_(False)
     random_parts = [name for name, given in (("transformer", checkpoint), ("VAE", vae),
                                              ("text encoder", te is None or t5 or text_weights)) if not given]
     return ModelParts(cfg, net, dec, te, random_parts)

@@ -172,14 +172,43 @@ class _ResBlock(nn.Module):
         return skip + h
 
 
+# Subpixel form of "nearest x2 then 3x3 conv": output row 2i+a reads upsampled rows 2i+a-1 .. 2i+a+1, i.e. input
+# rows i-1, i, i (a=0) or i, i, i+1 (a=1). Row r of _PHASE[a] sums the original kernel rows landing on input
+# offset r-1, so the phase kernel is _PHASE[a] @ W @ _PHASE[b]^T (a 3x3 kernel at the input resolution).
+_PHASE = ((((1, 0, 0), (0, 1, 1), (0, 0, 0))), (((0, 0, 0), (1, 1, 0), (0, 0, 1))))
+
+
+def subpixel_weight(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Cin, 3, 3), (C,) of the conv after a nearest x2 upsample -> (4C, Cin, 3, 3), (4C,) of the equivalent
+    conv at the input resolution whose output, through ``pixel_shuffle(., 2)``, is the same image (channel
+    4c + 2a + b is pixel (2i+a, 2j+b) of channel c)."""
+    ph = torch.tensor(_PHASE, dtype=weight.dtype, device=weight.device)  # (2, 3, 3)
+    w = torch.einsum("ark,oikl,bsl->oabirs", ph, weight, ph)  # (C, 2, 2, Cin, 3, 3)
+    return w.reshape(-1, *weight.shape[1:]), bias.repeat_interleave(4)
+
+
 class _Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv (``upsample.conv.conv``)."""
+    """Nearest x2, then a 3x3 conv (``upsample.conv.conv``, the only parameters).
+
+    ``subpixel``: the same math as one 3x3 conv at the input resolution to 4x channels + pixel shuffle (the
+    weights re-arranged by ``subpixel_weight`` on each call to ``set_subpixel``; no x2 tensor is read by a conv).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = _Conv(channels, channels, 3)
+        self.subpixel = False
+        self.register_buffer("_w4", None, persistent=False)
+        self.register_buffer("_b4", None, persistent=False)
+
+    def set_subpixel(self, on: bool) -> None:
+        self.subpixel = on
+        self._w4, self._b4 = (subpixel_weight(self.conv.conv.weight.detach(), self.conv.conv.bias.detach())
+                              if on else (None, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subpixel:
+            return F.pixel_shuffle(F.conv2d(x, self._w4, self._b4, padding=1), 2)
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
@@ -243,6 +272,14 @@ class BSQDecoder(nn.Module):
         super().__init__()
         self.cfg = get_vae_config(cfg)
         self.decoder = _DecoderNet(self.cfg)
+
+    def set_layout(self, subpixel: bool = True, channels_last: bool = False) -> "BSQDecoder":
+        """Execution layout (same weights, same state dict): ``subpixel`` upsample convs (see ``_Upsample``;
+        call again after changing the weights or dtype) and channels-last memory format. Returns self."""
+        for m in self.modules():
+            if isinstance(m, _Upsample):
+                m.set_subpixel(subpixel)
+        return self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 4 or z.shape[1] != self.cfg.codebook_dim:

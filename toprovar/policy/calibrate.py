@@ -256,7 +256,7 @@ def config_from_sets(sets: Sequence[str]) -> ToProVARConfig:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..cli_args import DTYPES, check_device
+    from ..cli_args import DTYPES, check_device, vae_dtype
     from ..config import get_config
     from ..outputs import check_output_file
     from ..pipeline import Pipeline, resolve_schedule
@@ -275,7 +275,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                    model_cfg.top_p if args.top_p is None else args.top_p, len(schedule))
     pipe = Pipeline.load(args.model, checkpoint=args.checkpoint, vae=args.vae, t5=args.t5, device=args.device,
                          dtype=DTYPES[args.dtype], seed=args.weights_seed, weights=args.weights,
-                         keep_fp32_params=args.keep_fp32_params)
+                         keep_fp32_params=args.keep_fp32_params, vae_dtype=vae_dtype(args.vae_dtype))
     if pipe.random_weights:
         print(f"note: model '{args.model}' has RANDOM weights: the calibration shows the procedure only",
               file=sys.stderr)

@@ -71,7 +71,7 @@ class ScaleGraphs:
         self.backend, self.max_plans = backend, max_plans
         self._plans: OrderedDict[tuple, ScalePlan] = OrderedDict()
         self._warm: set = set()
-        self._failed: set = set()
+        self._failed: dict[tuple, str] = {}  # plan key -> why its capture failed
 
     def plan(self, policy, st, ws) -> ScalePlan | None:
         """The plan to run this generation with (capturing or replaying), or None to run eagerly."""
@@ -107,12 +107,29 @@ class ScaleGraphs:
     def fail(self, plan: ScalePlan, exc: BaseException) -> None:
         """A capture failed: drop the plan, never graph its key again, and say so once."""
         self._plans.pop(plan.key, None)
-        self._failed.add(plan.key)
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self._failed[plan.key] = why
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed "
-                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                      "running eagerly", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed ({why}); running eagerly",
+                      RuntimeWarning, stacklevel=3)
+
+    def status(self, policy) -> str:
+        """What the policy's generations run as now: "off" (no scale graphs on this backend), "eager" (the
+        policy has no plan key), "warm-up" (one eager generation done, the next captures), "replaying",
+        "capturing", or "failed: <why>" (eager from then on); "none" before any generation."""
+        if not self.enabled:
+            return "off"
+        key = policy.plan_key()
+        if key is None:
+            return "eager"
+        for k, why in self._failed.items():
+            if k[0] == key:
+                return f"failed: {why}"
+        for k, plan in self._plans.items():
+            if k[0] == key:
+                return "capturing" if plan.capturing else "replaying"
+        return "warm-up" if any(k[0] == key for k in self._warm) else "none"
 
     def clear(self) -> bool:
         """Drop every plan (their graphs and memory pools); whether there were any."""

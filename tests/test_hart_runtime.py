@@ -151,3 +151,24 @@ def test_qwen2_encodings_are_cached_per_prompt(monkeypatch):
     monkeypatch.setattr(text_mod, "CACHE_SIZE", 2)
     enc.encode(["y"])
     assert list(enc.cache) == ["x", "y"]  # least recently used dropped
+
+
+def test_device_drawn_gumbel_columns():
+    """``uniform_noise`` with device columns (what a CUDA generation does for more_smooth, run here with CPU
+    generators standing in for the per-row device ones): columns [a, b) are row r's own generator's draws,
+    scale after scale; the others are the host stream of the narrower width; rows are independent."""
+    from toprovar.runtime.orchestrator import ModelSpec, uniform_noise
+    smooth = CFG.replace(more_smooth=True)
+    cols = ModelSpec.from_config(smooth).device_noise
+    assert cols == (1, 1 + CFG.vocab_size) and ModelSpec.from_config(CFG).device_noise is None
+    counts, widths, seeds = [1, 4, 9], [cols[1] + 2, cols[1] + 2, cols[1] + 6], [7, 11]
+    dev = torch.device("cpu")
+    got = uniform_noise([torch.Generator().manual_seed(s) for s in seeds], 2, counts, widths, dev, device_cols=cols,
+                        device_gens=[torch.Generator().manual_seed(s + 1000) for s in seeds])
+    cut = cols[1] - cols[0]
+    for r, s in enumerate(seeds):
+        host, dg = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 1000)
+        for t, n, w in zip(got, counts, widths):
+            h = torch.rand(1, n, w - cut, generator=host)[0]
+            assert torch.equal(t[r, :, :cols[0]], h[:, :cols[0]]) and torch.equal(t[r, :, cols[1]:], h[:, cols[0]:])
+            assert torch.equal(t[r, :, cols[0]:cols[1]], torch.rand(n, cut, generator=dg))

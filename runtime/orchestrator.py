@@ -69,6 +69,9 @@ class ModelSpec:
     # sampling uniforms per token at each scale when they differ from token_bits (HART: categorical draw, Gumbel
     # and diffusion noise; the head's output is token_bits wide)
     noise_widths: tuple[int, ...] | None = None
+    # columns [a, b) of every scale's noise drawn on a CUDA device from per-row device generators instead of the
+    # CPU stream (HART's more_smooth Gumbel uniforms: V per token, too many to draw on the host and copy)
+    device_noise: tuple[int, int] | None = None
 
     def noise_width(self, si: int) -> int:
         return self.token_bits if self.noise_widths is None else int(self.noise_widths[si])
@@ -77,10 +80,10 @@ class ModelSpec:
     def from_config(cls, cfg) -> "ModelSpec":
         """The orchestrator's view of a ``ModelConfig`` (HART: token_bits = the codebook width Cvae, the head's
         output per token; its sampling noise per scale from the family)."""
-        from toprovar.model.families import noise_widths
+        from toprovar.model.families import device_noise, noise_widths
         bits = cfg.codebook_dim if cfg.is_hart else cfg.token_bits
         return cls(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, bits, cfg.codebook_dim, cfg.spatial_patchify,
-                   noise_widths(cfg, len(cfg.patch_nums)))
+                   noise_widths(cfg, len(cfg.patch_nums)), device_noise(cfg))
 
 
 @dataclass
@@ -140,27 +143,45 @@ def per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
 
 
 def uniform_noise(gen: torch.Generator | Sequence[torch.Generator], batch: int, counts: Sequence[int],
-                  bits: int | Sequence[int],
-                  device: torch.device, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+                  bits: int | Sequence[int], device: torch.device, out: torch.Tensor | None = None,
+                  device_cols: tuple[int, int] | None = None,
+                  device_gens: Sequence[torch.Generator] | None = None) -> list[torch.Tensor]:
     """Sampling noise of every scale, (B, n_s, bits) float32 each, drawn on the CPU scale after scale (the same
     stream for every backend and device) and moved in ONE copy before any scale runs: a host-to-device copy
     from pageable memory synchronises the stream, so a copy per scale would stall the launch queue.
     ``gen``: one generator per row (row b's noise depends on its own generator only: a request's image does
     not depend on its batch-mates), or one generator drawing (B, n_s, bits) per scale.
     ``out``: a flat float32 device buffer of B * sum(counts * bits) elements to copy into (stable address).
-    ``bits``: one width for every scale or one per scale (HART)."""
+    ``bits``: one width for every scale or one per scale (HART).
+    ``device_cols`` (a, b) with ``device_gens`` (one generator per row, on ``device``): columns [a, b) of every
+    scale are drawn on the device, row r's (n, b - a) per scale from device_gens[r]; the host draws the other
+    columns only (so the host stream differs from a draw without them)."""
     widths = [bits] * len(counts) if isinstance(bits, int) else list(bits)
+    cut = 0 if device_cols is None else device_cols[1] - device_cols[0]
+    host_w = [w - cut for w in widths]
     if isinstance(gen, torch.Generator):
-        parts = [torch.rand(batch, n, b, generator=gen).reshape(-1) for n, b in zip(counts, widths)]
+        parts = [torch.rand(batch, n, b, generator=gen).reshape(-1) for n, b in zip(counts, host_w)]
     else:
         if len(gen) != batch:
             raise ValueError(f"{len(gen)} generators for a batch of {batch}")
         parts = [torch.cat([torch.rand(1, n, b, generator=g) for g in gen]).reshape(-1)
-                 for n, b in zip(counts, widths)]
+                 for n, b in zip(counts, host_w)]
     flat = torch.cat(parts)
-    flat = flat.to(device) if out is None else out.copy_(flat)
-    return [t.view(batch, n, b) for t, n, b in
-            zip(flat.split([batch * n * b for n, b in zip(counts, widths)]), counts, widths)]
+    if out is None:
+        out = torch.empty(batch * sum(n * w for n, w in zip(counts, widths)), dtype=torch.float32, device=device)
+    full = [t.view(batch, n, w) for t, n, w in
+            zip(out.split([batch * n * w for n, w in zip(counts, widths)]), counts, widths)]
+    if not cut:
+        out.copy_(flat)
+        return full
+    a, b = device_cols
+    host = flat.to(device).split([batch * n * w for n, w in zip(counts, host_w)])
+    for t, h, n, w in zip(full, host, counts, host_w):
+        h = h.view(batch, n, w)
+        t[..., :a], t[..., b:] = h[..., :a], h[..., a:]
+        for r, g in enumerate(device_gens):
+            t[r, :, a:b] = torch.rand(n, cut, generator=g, device=device)
+    return full
 
 
 def row_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
@@ -297,8 +318,11 @@ class Orchestrator:
         # (a pageable copy synchronises the stream; stable addresses let scale graphs read them)
         counts = [h * w for h, w in self.schedule]
         widths = [sp.noise_width(si) for si in range(S)]
+        cols = sp.device_noise if dev.type == "cuda" else None  # CUDA: Gumbel uniforms from device generators
+        dgens = [torch.Generator(device=dev).manual_seed(s) for s in seeds] if cols else None
         st.noise = uniform_noise(gens, B, counts, widths, dev, out=self.ws.view(
-            "noise", (B * sum(n * b for n, b in zip(counts, widths)),), torch.float32))
+            "noise", (B * sum(n * b for n, b in zip(counts, widths)),), torch.float32), device_cols=cols,
+            device_gens=dgens)
         G = len(group_cfgs)
         scalars = self.ws.view("scalars", (G * S + S + 1,), torch.float32)
         scalars.copy_(torch.tensor(sum(group_cfgs, []) + taus + [float(top_p)], dtype=torch.float32))

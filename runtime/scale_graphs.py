@@ -122,6 +122,23 @@ class ScaleGraphs:
         failed = [why for key, why in self._failed.items() if key[1] == batch]
         return f"eager (capture failed: {failed[-1]})" if failed else "eager"
 
+    def status(self, policy) -> str:
+        """What the policy's generations run as now: "off" (no scale graphs on this backend), "eager" (the
+        policy has no plan key), "warm-up" (one eager generation done, the next captures), "replaying",
+        "capturing", or "failed: <why>" (eager from then on); "none" before any generation."""
+        if not self.enabled:
+            return "off"
+        key = policy.plan_key()
+        if key is None:
+            return "eager"
+        for k, why in self._failed.items():
+            if k[0] == key:
+                return f"failed: {why}"
+        for k, plan in self._plans.items():
+            if k[0] == key:
+                return "capturing" if plan.capturing else "replaying"
+        return "warm-up" if any(k[0] == key for k in self._warm) else "none"
+
     def clear(self) -> bool:
         """Drop every plan (their graphs and memory pools); whether there were any."""
         had = bool(self._plans)

@@ -1,4 +1,5 @@
-"""Shared fixtures and hooks: the tiny model's float32 export (tests/test_export.py, tests/test_engines.py) and
+"""Shared fixtures and hooks: the tiny model's and hart-tiny's float32 exports (tests/test_export.py,
+tests/test_engines.py, tests/test_hart.py, tests/test_hart_engines.py) and
 the terminal summary of the real TensorRT-RTX engines built by tests/test_engines.py."""
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ def exported(tmp_path_factory):
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = cli.main(["--model", "tiny", "--out", str(out), "--no-progress", "--jobs", jobs])
     return out, rc, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def hart_exported(tmp_path_factory):
+    """hart-tiny exported once per session through the CLI (float32): the export directory (tests/test_hart.py,
+    tests/test_hart_engines.py; copy it before writing into it)."""
+    pytest.importorskip("onnxruntime")
+    from toprovar.export import cli
+    out = tmp_path_factory.mktemp("hart_export") / "hart-tiny"
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = cli.main(["--model", "hart-tiny", "--out", str(out), "--no-progress"])
+    assert rc == 0, err.getvalue()
+    return out
 
 
 def pytest_configure(config):

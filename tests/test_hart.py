@@ -122,17 +122,9 @@ def test_every_policy_runs_on_hart(pipe, name):
         assert rep["skipped_scales"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    out = tmp_path_factory.mktemp("hart_export") / "x"
-    assert main_export(["--model", "hart-tiny", "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-def main_export(argv):
-    from toprovar.export.cli import main as export_main
-    return export_main(argv)
+@pytest.fixture
+def exported(hart_exported):
+    return hart_exported
 
 
 def test_export_manifest(exported):

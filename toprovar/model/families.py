@@ -85,6 +85,14 @@ def noise_widths(cfg: ModelConfig, num_scales: int) -> tuple[int, ...] | None:
     return None
 
 
+def device_noise(cfg: ModelConfig) -> tuple[int, int] | None:
+    """Noise columns drawn on a CUDA device (``ModelSpec.device_noise``): HART's Gumbel uniforms with
+    ``more_smooth``, else None."""
+    if cfg.is_hart and cfg.more_smooth:
+        return (1, 1 + cfg.vocab_size)
+    return None
+
+
 def condition_piece(model, cfg: bool):
     if model.cfg.is_hart:
         from .hart.pieces import HartConditionPiece

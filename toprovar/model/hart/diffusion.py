@@ -5,6 +5,11 @@ classifier-free guidance on epsilon only (the variance from the conditional row)
 
 Noise is given, not drawn: (steps + 1, N, Cvae) standard normals, [0] the start, [k] the noise of the k-th step
 (the last step adds none, as the official ``nonzero_mask``).
+
+Per generation the condition is embedded once (``cond_embed``: the same for every step) and each step's time
+embedding once (one row, broadcast over the tokens); the official code recomputes both per step and token. The
+linear layers run in their weights' dtype (``Hart.to_inference_dtype``: bfloat16 on CUDA; float32 in float32
+runs) with float32 inputs cast to it and float32 outputs; norms, modulation and the sampler stay float32.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ TRAIN_STEPS = 1000
 
 
 def _lin(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight.float(), layer.bias.float())
+    """layer(x) in the weights' dtype -> float32."""
+    w = layer.weight
+    return F.linear(x.to(w.dtype), w, layer.bias.to(w.dtype)).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -86,9 +93,17 @@ class DiffusionMLP(nn.Module):
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.final_layer = FinalLayer(width, 2 * channels)
 
+    def embed_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """c (N, C) -> (N, W) float32: the condition's part of every step's AdaLN input."""
+        return _lin(c.float(), self.cond_embed)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.step(x, t, self.embed_condition(c))
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the condition embedded (``embed_condition``); t (N,) or (1,) (broadcast)."""
         x = _lin(x.float(), self.input_proj)
-        y = self.time_embed(t) + _lin(c.float(), self.cond_embed)
+        y = self.time_embed(t) + c_emb
         for blk in self.res_blocks:
             x = blk(x, y)
         return self.final_layer(x, y)
@@ -147,9 +162,9 @@ class DiffLoss(nn.Module):
         C, N = self.channels, z.shape[0]
         x = noise[0].float()
         zz = z if z_uncond is None else torch.cat([z, z_uncond], dim=0)
+        c_emb = self.net.embed_condition(zz)
         for k, i in enumerate(reversed(range(self.steps))):
-            t = self.timestep[i].expand(zz.shape[0])
-            out = self.net(x if z_uncond is None else torch.cat([x, x], dim=0), t, zz)
+            out = self.net.step(x if z_uncond is None else torch.cat([x, x], dim=0), self.timestep[i:i + 1], c_emb)
             eps, var = out[:N, :C], out[:N, C:]
             if z_uncond is not None:
                 mixed = eps * (1 + guidance) - guidance * out[N:, :C]

@@ -4,7 +4,10 @@
 Sampling noise per token and scale s (uniform [0, 1), drawn on the CPU by the orchestrator; ``noise_widths``):
 [0] the categorical draw, then V Gumbel uniforms when ``more_smooth``, then at the last scale 2 (1 + steps) Cvae
 uniforms turned into the diffusion head's standard normals (Box-Muller: pairs (u1, u2) -> sqrt(-2 ln(1 - u1))
-cos(2 pi u2)).
+cos(2 pi u2)). On a CUDA device the Gumbel uniforms come from per-row CUDA generators seeded with the
+row's seed (``ModelSpec.device_noise``: 4096 per token are too many to draw on the host and copy) and the CPU
+stream draws the other columns only, so with ``more_smooth`` a CUDA image differs from the CPU image of the same
+seed (without it they draw the same noise); the CPU draw is the one the oracle test matches.
 
 At the last scale the head is two pieces: ``HartHeadPiece`` (logits, CFG, top-k/top-p, the draw, the codes) and
 ``HartDiffusionPiece`` (the residual diffusion head); the PyTorch backend runs them back to back (``forward``),

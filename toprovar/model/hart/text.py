@@ -4,6 +4,9 @@ context tokens, as the official ``encode_prompts`` computes them: the prompt tok
 features of every position including the padding (the transformer attends to all of them).
 
 ``encode(prompts) -> (features (B, L, C_text) float32, lengths (B,) int32)`` with L = ``max_length`` always.
+Encodings are cached per distinct prompt (least recently used dropped beyond ``CACHE_SIZE``): a prompt's
+features do not depend on its batch-mates (right padding, causal attention), so a repeated prompt is not
+encoded again.
 A prompt longer than the limit is an error (the official code truncates silently).
 
 The official ``sample.py`` prepends a fixed system prompt (``use_llm_system_prompt``); put its text in
@@ -11,6 +14,7 @@ The official ``sample.py`` prepends a fixed system prompt (``use_llm_system_prom
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ import torch
 from ..text import ByteTokenizer, tokenize_batch
 
 SYSTEM_PROMPT_FILE = "toprovar_system_prompt.txt"
+CACHE_SIZE = 64
 
 
 class QwenTextEncoder(torch.nn.Module):
@@ -28,6 +33,7 @@ class QwenTextEncoder(torch.nn.Module):
         super().__init__()
         self.model, self.tokenize, self.pad_id = model, tokenize, pad_id
         self.max_length, self.label, self.system_ids = max_length, label, list(system_ids or [])
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # prompt -> (L, C), ()
 
     @property
     def width(self) -> int:
@@ -35,6 +41,20 @@ class QwenTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> features (B, L, C_text) float32, lengths (B,) int32 (cached per prompt)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if new:
+            feats, lengths = self._encode(new)
+            for p, f, n in zip(new, feats, lengths):
+                self.cache[p] = (f, n)
+        for p in prompts:
+            self.cache.move_to_end(p)
+        out = [self.cache[p] for p in prompts]
+        while len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return torch.stack([f for f, _ in out]), torch.stack([n for _, n in out])
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = tokenize_batch(self.tokenize, prompts, self.max_length, self.label)
         B, L = ids.shape
         full_ids = torch.full((B, self.max_length), self.pad_id, dtype=torch.long)

@@ -57,11 +57,15 @@ class _PartiallyShared(nn.Module):
     def __init__(self, channels: int, k: int = 4):
         super().__init__()
         self.qresi_ls = nn.ModuleList(Phi(channels) for _ in range(k))
-        self.ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+        ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+        self.ticks = tuple(float(t) for t in ticks)  # the official float64 ticks, as Python floats
 
     def at(self, frac: float) -> Phi:
-        """The convolution of relative scale position ``frac`` in [0, 1] (nearest tick)."""
-        return self.qresi_ls[int(np.argmin(np.abs(self.ticks - frac)))]
+        """The convolution of relative scale position ``frac`` in [0, 1] (nearest tick, the first on a tie as
+        the official ``np.argmin``; plain Python: no numpy in the scale loop, nothing for torch.compile to
+        break on)."""
+        dist = [abs(t - frac) for t in self.ticks]
+        return self.qresi_ls[dist.index(min(dist))]
 
 
 class HybridQuantizer(nn.Module):

@@ -247,11 +247,15 @@ class Hart(nn.Module):
         return self.blocks[0].attn.qkv_proj.weight.dtype
 
     def to_inference_dtype(self, dtype: torch.dtype, keep_fp32_params: bool = False) -> "Hart":
-        """Cast the blocks' matrices to ``dtype``; embeddings, norms, head, diffusion MLP and codebook stay float32
-        (so ``keep_fp32_params``, Infinity's option, changes nothing here)."""
+        """Cast the blocks' matrices and the diffusion MLP's linear layers to ``dtype``; embeddings, norms, head,
+        the MLP's LayerNorms and the codebook stay float32 (so ``keep_fp32_params``, Infinity's option, changes
+        nothing here)."""
         for b in self.blocks:
             b.attn.to(dtype)
             b.ffn.to(dtype)
+        for m in self.diffloss.net.modules():
+            if isinstance(m, nn.Linear):
+                m.to(dtype)
         return self
 
     # ---------------------------------------------------------------- pieces

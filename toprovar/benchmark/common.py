@@ -98,13 +98,14 @@ def time_cuda(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> dict:
 
 
 def markdown_table(table: list[dict]) -> list[str]:
-    """Rows of dicts (same keys) -> Markdown table lines; floats with 3 decimals."""
+    """Rows of dicts -> Markdown table lines: the columns of all rows in first-seen order, floats with 3
+    decimals, a column a row lacks (a skipped row) left empty."""
     if not table:
         return []
-    cols = list(table[0])
+    cols = list(dict.fromkeys(c for row in table for c in row))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
-        lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+        lines.append("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
                                         for c in cols) + " |")
     return lines
 

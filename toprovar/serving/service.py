@@ -66,9 +66,13 @@ class ImageModel:
             self.label = f"{engine_dir} on {backend}"
         else:
             from toprovar.cli_args import DTYPES
+            from toprovar.config import get_config
             from toprovar.pipeline import Pipeline, resolve_schedule
+            # a model whose text encoder is a real download (flan-t5-xl) and no --t5: the random stand-in below
+            own_te = bool(t5) or get_config(model or "shapes").text_encoder in ("tiny", "tiny-qwen2")
             self.rt = Pipeline.load(model or "shapes", checkpoint=checkpoint, vae=vae, t5=t5, device=device,
-                                    dtype=DTYPES[dtype], seed=weights_seed)
+                                    dtype=DTYPES[dtype], seed=weights_seed,
+                                    text_encoder=own_te or not random_text_encoder)
             self.rt.compile = compile
             self.cfg, self.max_batch = self.rt.cfg, None
             self.schedule = resolve_schedule(self.cfg, resolution, 1.0)

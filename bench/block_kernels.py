@@ -21,7 +21,7 @@ import argparse
 
 import torch
 import torch._inductor.config as inductor_config
-from common import environment, time_cuda, write_results
+from common import environment, graphed, time_cuda, write_results
 
 from toprovar.config import get_config
 from toprovar.model.layers import CrossAttnBlock
@@ -58,19 +58,6 @@ def inputs(cfg, dev, n, P, total, L=32, Bp=2):
     return dict(x=rnd(Bp, n, C), ada=0.1 * rnd(Bp, 1, 6, C), ca_kv=rnd(Bp, L, C, dt=torch.bfloat16),
                 ca_len=torch.full((Bp,), L, dtype=torch.int32, device=dev), rope=rope, cache_k=cache_k,
                 cache_v=cache_v, past=P)
-
-
-def graphed(fn):
-    """fn() captured in a CUDA graph -> replay callable (after a warm-up call on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def kernels(fn, top: int) -> list[list]:
@@ -123,7 +110,7 @@ def main() -> None:
                 for where, (n, P) in shapes.items():
                     inp = inputs(cfg, dev, n, P, total)
                     with torch.no_grad():
-                        replay = graphed(lambda: fn(inp))
+                        replay, _ = graphed(lambda: fn(inp))
                         t = time_cuda(replay, warmup=3, runs=args.runs)
                         top = kernels(replay, args.top)
                     payload["forms"][f"{form} @ {where}"] = {"n": n, "past": P, "timing": t, "kernels": top}

@@ -15,10 +15,24 @@ from toprovar.benchmark import common as _common  # noqa: E402
 from toprovar.benchmark.common import environment, markdown_table, time_cuda, time_fn, timing_method  # noqa: E402,F401
 
 RESULTS = Path(__file__).resolve().parent / "results"
-__all__ = ["RESULTS", "ROOT", "environment", "markdown_table", "time_cuda", "time_fn", "timing_method", "write_results"]
+__all__ = ["RESULTS", "ROOT", "environment", "graphed", "markdown_table", "time_cuda", "time_fn", "timing_method", "write_results"]
 
 
 def write_results(name: str, payload: dict, table: list[dict], title: str, out_dir: Path = RESULTS,
                   sections: Iterable[str] = ()) -> Path:
     """``toprovar.benchmark.common.write_results`` with bench/results as the default folder."""
     return _common.write_results(name, payload, table, title, out_dir, sections)
+
+
+def graphed(fn):
+    """fn() captured in a CUDA graph after a warm-up call on a side stream -> (replay callable, graph)."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay, g

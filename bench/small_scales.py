@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, environment, time_fn, write_results
+from common import RESULTS, environment, graphed, time_fn, write_results
 
 from toprovar.config import get_config
 from toprovar.model import families
@@ -67,19 +67,6 @@ def floors(cfg, blocks, n: int, P: int, rows: int, text_len: int, itemsize: int,
     flops = len(blocks) * sum(fl.values())
     return {"floor_w_ms": 1e3 * w / bandwidth, "floor_bytes_ms": 1e3 * (w + cache) / bandwidth,
             "floor_flop_ms": 1e3 * flops / (tflops * 1e12), "weight_bytes": w, "flops": flops}
-
-
-def graphed(fn):
-    """fn() captured in a CUDA graph -> (replay callable, graph) after a warm-up call on a side stream."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay, g
 
 
 def parse_scales(text: str | None, S: int) -> list[int]:

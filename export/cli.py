@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove_if_empty(out, created)
         return EXIT_INPUT
     except KeyboardInterrupt:
+        from toprovar.cli_args import end_progress_lines
+        end_progress_lines()
         _error("interrupted; completed pieces are in place, the manifest was not rewritten")
         _remove_if_empty(out, created)
         return 130

@@ -484,11 +484,16 @@ def _env() -> dict:
                                                                        os.environ.get("PYTHONPATH")]))}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_generate(tmp_path):
     """SIGINT while the scales run: exit 130, one line, no PNG and no temporary file."""
     argv = gen("-o", str(tmp_path / "a.png"), "--resolution", "256")  # 13 scales: seconds, not a blink
     proc = subprocess.Popen([sys.executable, "-m", "toprovar.cli", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_default_sigint)  # a background job (`cmd &`) inherits SIGINT ignored
     err = ""
     while "scales" not in err:  # wait for the progress bar: generation started (imports take long on a busy CPU)
         ch = proc.stderr.read(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import (DTYPES, vae_dtype, OneLineParser, add_generation_args, add_model_args, check_device, error_line,
+from .cli_args import (DTYPES, vae_dtype, OneLineParser, add_generation_args, add_model_args, check_device, end_progress_lines, error_line,
                        print_report)
 
 
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
-            bar.close()
+        end_progress_lines()
         print("toprovar: interrupted; no output was written (nor a partial one)", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:

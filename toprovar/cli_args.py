@@ -110,6 +110,18 @@ def error_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def end_progress_lines() -> None:
+    """Close the open progress bars and start a fresh stderr line (before an interrupt's message).
+
+    A Ctrl-C can land inside a bar's first draw, before tqdm can clear it; that bar is no longer closable, so
+    the line is ended here: erased on a terminal, a newline in a log.
+    """
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.write("\r\x1b[K" if sys.stderr.isatty() else "\n")
+
+
 def check_device(name: str) -> str:
     """ValueError (one line) unless ``name`` is a torch device that exists on this machine."""
     try:

@@ -1,0 +1,40 @@
+"""The Python environment of Triton's Python-backend stub, made to load a model.
+
+The stub of nvidia-pytriton 0.7.0 (Triton 2.51, pybind11 2.10) needs numpy<2 (``server.check_numpy``). Where
+the machine's SciPy was built for numpy 2 (the H200 image: ``scipy.sparse`` fails under numpy 1.26 with
+``module 'numpy' has no attribute 'long'``), SciPy and scikit-learn cannot be imported, and transformers
+imports both at module level whenever they are installed (SciPy for object-detection losses, scikit-learn
+for assisted decoding's ``roc_curve``; toprovar's text encoders use neither), so ``T5EncoderModel`` cannot be
+imported at all.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+PROBES = {"scipy": "scipy.optimize", "sklearn": "sklearn.metrics"}  # package -> what transformers imports of it
+
+
+def hide_unimportable_packages() -> dict[str, str]:
+    """Mark SciPy / scikit-learn absent in this process when installed but not importable.
+
+    ``sys.modules[name] = None`` is Python's own "not importable" mark: ``find_spec`` answers None (what
+    transformers asks) and ``import name`` raises ImportError. Partial modules of the failed import are
+    dropped. Returns {package: first line of its import error} for the packages it hid (SciPy first: a
+    scikit-learn without it fails too).
+    """
+    hidden = {}
+    for package, probe in PROBES.items():
+        if package in sys.modules or importlib.util.find_spec(package) is None:
+            continue
+        try:
+            importlib.import_module(probe)
+        except Exception as exc:  # noqa: BLE001 (an ABI mismatch raises AttributeError, ImportError, ValueError ...)
+            for name in [m for m in sys.modules if m.split(".")[0] in PROBES]:
+                if sys.modules[name] is not None:
+                    del sys.modules[name]
+            sys.modules[package] = None
+            text = (str(exc).strip().splitlines() or [""])[0]
+            hidden[package] = f"{type(exc).__name__}: {text}".rstrip(": ")
+    return hidden

@@ -157,6 +157,8 @@ class EngineRuntime:
         if not (src / "config.json").is_file() and not any(src.glob("tokenizer*")):
             raise EngineDirError(f"--t5: the tokenizer of this export's text encoder ({src or 'unknown'}) is not "
                                  f"here; pass --t5 DIR (a local flan-t5-xl directory)")
+        from toprovar.model.importable import prepare_transformers_import
+        prepare_transformers_import()
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
         return PieceTextEncoder(be, lambda p: tok(p, add_special_tokens=True)["input_ids"], max_length, src.name)

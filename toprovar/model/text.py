@@ -62,6 +62,8 @@ def tokenize_batch(tokenize, prompts: list[str], max_length: int, label: str) ->
 def tiny_text_encoder(width: int, max_length: int, seed: int = 0, weights: str | Path | None = None) -> TextEncoder:
     """A 2-layer T5 encoder of ``width`` channels with a byte tokenizer: randomly initialised from ``seed``,
     or trained weights from a safetensors file (strictly loaded)."""
+    from .importable import prepare_transformers_import
+    prepare_transformers_import()
     from transformers import T5Config, T5EncoderModel
     cfg = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=width, d_kv=width // 4, d_ff=2 * width,
                    num_layers=2, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu")
@@ -85,6 +87,8 @@ def t5_text_encoder(path: str | Path, max_length: int = 512, dtype: torch.dtype 
         raise FileNotFoundError(f"--t5: {path} is not a directory (a local flan-t5-xl directory)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--t5: {path} is not a T5 directory (no config.json)")
+    from .importable import prepare_transformers_import
+    prepare_transformers_import()
     from transformers import AutoTokenizer, T5EncoderModel
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

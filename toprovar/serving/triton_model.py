@@ -22,7 +22,6 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 from .placement import instance_device
 from .server import OPTIONS_FILE
 from .service import ImageModel, ImageService, RequestError, one_line
-from .stub_env import hide_unimportable_packages
 
 
 def device_label(device: str, instance: str) -> str:
@@ -38,9 +37,6 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         opts = json.loads((Path(args["model_repository"]) / args["model_version"] / OPTIONS_FILE).read_text())
-        for package, why in hide_unimportable_packages().items():
-            pb_utils.Logger.log_warn(f"toprovar: {package} cannot be imported with this stub's numpy "
-                                     f"{np.__version__} ({why}); marked absent so that transformers loads")
         self.device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
         if self.device.startswith("cuda"):
             import torch

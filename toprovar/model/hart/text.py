@@ -74,6 +74,8 @@ class QwenTextEncoder(torch.nn.Module):
 
 def tiny_qwen2_encoder(width: int, max_length: int, seed: int = 0) -> QwenTextEncoder:
     """A 2-layer Qwen2 of ``width`` channels with a byte tokenizer (pad id 0), randomly initialised from ``seed``."""
+    from ..importable import prepare_transformers_import
+    prepare_transformers_import()
     from transformers import Qwen2Config, Qwen2Model
     cfg = Qwen2Config(vocab_size=ByteTokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -94,6 +96,8 @@ def qwen2_text_encoder(path: str | Path, max_length: int = 300, dtype: torch.dty
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--text-encoder: {path} is not a Qwen2 directory (no config.json)")
+    from ..importable import prepare_transformers_import
+    prepare_transformers_import()
     from transformers import AutoModel, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype).to(device).eval()

@@ -1,6 +1,6 @@
-"""The Triton stub's environment fix: a SciPy / scikit-learn that cannot be imported (the H200 image's SciPy,
-built for numpy 2, under the stub's numpy<2) is marked absent so that transformers' T5 loads; working or
-absent ones are left alone. Each case runs in a fresh interpreter (sys.modules is what changes) with small
+"""transformers made importable: a SciPy / scikit-learn that cannot be imported (the H200 image's SciPy, built
+for numpy 2, under the numpy<2 that Triton's Python-backend stub needs) is marked absent so that transformers'
+T5 loads; working or absent ones are left alone. Each case runs in a fresh interpreter (sys.modules is what changes) with small
 stand-in packages first on PYTHONPATH, ahead of any installed SciPy / scikit-learn."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import importlib.util, json, sys
-from toprovar.serving.stub_env import hide_unimportable_packages
+from toprovar.model.importable import hide_unimportable_packages
 hidden = hide_unimportable_packages()
 imports = {}
 for name in ("scipy", "sklearn"):
@@ -33,10 +33,23 @@ print(json.dumps({"hidden": hidden, "spec": {n: importlib.util.find_spec(n) is n
 """
 
 
-def _probe(site: Path | None) -> dict:
+ENCODER = """
+import json, warnings
+import torch
+from toprovar.model.text import tiny_text_encoder
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    enc = tiny_text_encoder(16, 32)
+feats = enc.encode(["a red square"])
+print(json.dumps({"warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+                  "finite": all(bool(torch.isfinite(t.float()).all()) for t in feats if torch.is_tensor(t))}))
+"""
+
+
+def _probe(site: Path | None, code: str = PROBE) -> dict:
     path = [str(ROOT)] + ([str(site)] if site else []) + [os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
-    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -88,3 +101,14 @@ def test_this_environment_is_left_alone():
     here = {n: importlib.util.find_spec(n) is not None for n in ("scipy", "sklearn")}
     res = _probe(None)
     assert res == {**res, "hidden": {}, "spec": here, "imports": here, "t5": [1, 3, 8]}
+
+
+def test_text_encoder_loads_under_a_broken_scipy_with_a_warning(tmp_path):
+    """The real path (toprovar's T5 text encoder) with the H200's failure: it builds, runs, and warns once per
+    hidden package, naming it and numpy's version."""
+    _package(tmp_path, "scipy", SCIPY_NUMPY2)
+    _package(tmp_path, "sklearn", {"__init__.py": "", "metrics/__init__.py": "import scipy.optimize\n"})
+    res = _probe(tmp_path, ENCODER)
+    assert res["finite"]
+    assert [w.split(" cannot", 1)[0] for w in res["warnings"]] == ["scipy", "sklearn"], res["warnings"]
+    assert all("marked absent so that transformers loads" in w and "numpy " in w for w in res["warnings"])

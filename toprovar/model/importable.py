@@ -1,17 +1,18 @@
-"""The Python environment of Triton's Python-backend stub, made to load a model.
+"""transformers made importable where SciPy / scikit-learn are installed but broken.
 
-The stub of nvidia-pytriton 0.7.0 (Triton 2.51, pybind11 2.10) needs numpy<2 (``server.check_numpy``). Where
-the machine's SciPy was built for numpy 2 (the H200 image: ``scipy.sparse`` fails under numpy 1.26 with
-``module 'numpy' has no attribute 'long'``), SciPy and scikit-learn cannot be imported, and transformers
-imports both at module level whenever they are installed (SciPy for object-detection losses, scikit-learn
-for assisted decoding's ``roc_curve``; toprovar's text encoders use neither), so ``T5EncoderModel`` cannot be
-imported at all.
+Triton's Python-backend stub of nvidia-pytriton 0.7.0 (Triton 2.51, pybind11 2.10) needs numpy<2
+(``serving.server.check_numpy``). Where the machine's SciPy was built for numpy 2 (the H200 image:
+``scipy.sparse`` fails under numpy 1.26 with ``module 'numpy' has no attribute 'long'``), SciPy and
+scikit-learn cannot be imported, and transformers imports both at module level whenever they are installed
+(SciPy for object-detection losses, scikit-learn for assisted decoding's ``roc_curve``; toprovar's text
+encoders use neither), so ``T5EncoderModel`` cannot be imported at all.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
+import warnings
 
 PROBES = {"scipy": "scipy.optimize", "sklearn": "sklearn.metrics"}  # package -> what transformers imports of it
 
@@ -38,3 +39,10 @@ def hide_unimportable_packages() -> dict[str, str]:
             text = (str(exc).strip().splitlines() or [""])[0]
             hidden[package] = f"{type(exc).__name__}: {text}".rstrip(": ")
     return hidden
+
+
+def prepare_transformers_import() -> None:
+    """Call before importing from transformers: hides what cannot be imported, with one warning each."""
+    for package, why in hide_unimportable_packages().items():
+        warnings.warn(f"{package} cannot be imported with numpy {importlib.import_module('numpy').__version__} "
+                      f"({why}); marked absent so that transformers loads", RuntimeWarning, stacklevel=2)

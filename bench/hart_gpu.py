@@ -25,8 +25,8 @@ Ours: ``Pipeline`` over ``TorchBackend`` (KV cache in place, whole-scale CUDA gr
 ``--compile`` adds torch.compile, off by default to stay within a few minutes), decoder in bf16. ToProVAR runs the
 pinned operating point of ``toprovar.benchmark.e2e.operating_point`` (pruning from the 4th-last scale (27x27),
 the first 3 and last 2 layers Global, the others Detail keeping 30% of their tokens); every per-token computation
-(FAE entropy, keep probabilities, ordering, gather/scatter) runs. FastVAR: its Table 8 setting
-(``FastVARConfig()``).
+(FAE entropy, keep probabilities, ordering, gather/scatter) runs. FastVAR: ``FastVARConfig()``, which on HART
+is its released HART code's setting (48x48 at 0.5, 64x64 at 0.75, every layer, cache at 36x36).
 
 Official: ``HARTForT2I.autoregressive_infer_cfg`` of a checkout given by ``--official-repo`` (carried, not
 installed), built by ``tests/oracle/_hart_shims.build_official`` with the released flags, under
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
 
 
 OPERATING_POINT_NOTE = ("ToProVAR runs the pinned operating point of ``toprovar.benchmark.e2e.operating_point``: "
-                        "{op}. FastVAR: ``FastVARConfig()`` (the paper's Table 8 setting).")
+                        "{op}. FastVAR: ``FastVARConfig()``, on HART its released HART code's setting (48x48 at 0.5, "
+                        "64x64 at 0.75, every layer, branch outputs cached at 36x36).")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class ModelSpec:
     # columns [a, b) of every scale's noise drawn on a CUDA device from per-row device generators instead of the
     # CPU stream (HART's more_smooth Gumbel uniforms: V per token, too many to draw on the host and copy)
     device_noise: tuple[int, int] | None = None
+    family: str = "infinity"  # ``ModelConfig.family``, for the policies whose settings differ per family
 
     def noise_width(self, si: int) -> int:
         return self.token_bits if self.noise_widths is None else int(self.noise_widths[si])
@@ -83,7 +84,7 @@ class ModelSpec:
         from toprovar.model.families import device_noise, noise_widths
         bits = cfg.codebook_dim if cfg.is_hart else cfg.token_bits
         return cls(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.width, bits, cfg.codebook_dim, cfg.spatial_patchify,
-                   noise_widths(cfg, len(cfg.patch_nums)), device_noise(cfg))
+                   noise_widths(cfg, len(cfg.patch_nums)), device_noise(cfg), cfg.family)
 
 
 @dataclass
@@ -335,7 +336,8 @@ class Orchestrator:
             st.groups = [(tuple(rows), p[:len(rows)], p[len(rows):]) for p, rows in zip(parts, group_rows)]
         st.use_cfg = use_cfg
         trace = PolicyTrace(schedule=list(self.schedule), batch=B, cfg=st.Bp > B, text_len=int(ca_kv.shape[1]))
-        policy.start(GenerationInfo(self.schedule, sp.depth, B, dev, compile=getattr(be, "compiled", False)))
+        policy.start(GenerationInfo(self.schedule, sp.depth, B, dev, compile=getattr(be, "compiled", False),
+                                    family=sp.family))
         plan = None if profile else self.graphs.plan(policy, st, self.ws)
         bar = tqdm(range(S), desc=f"scales [{be.name}]", disable=not progress, leave=False)
         for si in bar:

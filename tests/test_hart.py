@@ -118,8 +118,12 @@ def test_every_policy_runs_on_hart(pipe, name):
     assert torch.isfinite(res.images).all() and 0 < rep["relative_flops"] <= 1.0
     if name == "none":
         assert rep["relative_flops"] == 1.0
-    if name in ("scale-exit", "fastvar-public"):
+    if name == "scale-exit":
         assert rep["skipped_scales"]
+    if name.startswith("fastvar"):  # HART: its released HART setting, 6x6 (-2) at 0.5 and 8x8 (-1) at 0.75, all layers
+        assert not rep["skipped_scales"]
+        assert res.trace.kept[4] == [36 - 18] * CFG.depth and res.trace.kept[5] == [64 - 48] * CFG.depth
+        assert all(res.trace.kept[si] == [res.trace.tokens[si]] * CFG.depth for si in range(4))
 
 
 @pytest.fixture

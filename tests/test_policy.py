@@ -516,6 +516,13 @@ def test_fastvar_schedule_resolution():
     assert rp[9:] == [0.4, 0.5, 1.0, 1.0]
     rt, lt, ct = FastVARConfig().resolve(4, 7)  # tiny: 6x6 and 8x8 pruned, cache at 4x4, layers 1..3
     assert rt == [0, 0, 0, 0.4, 0.6, 0, 0] and lt == range(1, 4) and ct == 2
+    for preset in ("issue", "public"):  # HART 0.7B: its released HART code's setting, whatever the preset
+        rh, lh, ch = FastVARConfig(preset=preset).resolve(24, 14, "hart")
+        assert rh == [0.0] * 12 + [0.5, 0.75] and lh == range(0, 24) and ch == 11  # cache at 36x36
+    rh, lh, ch = FastVARConfig(ratios={-3: 0.3}, layers=(2, 5), cache_scale=-4).resolve(24, 14, "hart")
+    assert rh[11] == 0.3 and sum(rh) == pytest.approx(0.3) and lh == range(2, 5) and ch == 10  # explicit wins
+    with pytest.raises(ValueError, match="family"):
+        FastVARConfig().resolve(24, 14, "var")
 
 
 # ----------------------------------------------------------------------------- FLOPs

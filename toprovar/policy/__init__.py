@@ -8,6 +8,7 @@ Names (``toprovar generate --policy NAME``):
     toprovar-scale-token  ablation: scale depth + token pruning on all layers (no layer scores)
     fastvar               FastVAR (frequency token pruning + cached restoration; Table 8 setting)
     fastvar-public        FastVAR with its released code's setting (32:0.4, 40:0.5, 48/64 skipped)
+                          (on HART both are its released HART setting: 48:0.5, 64:0.75, every layer)
     skipvar               SkipVAR-STYLE fixed rule (not SkipVAR's decision model)
     scale-exit            fixed scale exit (the last two scales are not run)
 """

@@ -28,6 +28,7 @@ class GenerationInfo:
     batch: int
     device: torch.device
     compile: bool = False  # the backend runs torch.compile'd pieces: a policy may compile its own torch work
+    family: str = "infinity"  # the model family (``ModelConfig.family``): "infinity" or "hart"
 
 
 @dataclass

@@ -219,6 +219,12 @@ FASTVAR_PRESETS: dict[str, dict[str, dict[int, float]]] = {
     "issue": {"2b": {-4: 0.4, -3: 0.6}, "8b": {-4: 0.4, -3: 0.6, -2: 1.0, -1: 1.0}},
     "public": {"2b": {-4: 0.4, -3: 0.5, -2: 1.0, -1: 1.0}, "8b": {-4: 0.4, -3: 0.5, -2: 1.0, -1: 1.0}},
 }
+# FastVAR on HART (family "hart"): its released HART code (HART/hart/modules/networks/fastvar_utils.py and
+# fastvar_basic.py) prunes 48x48 at 0.5 and 64x64 at 0.75 in every layer (attention and FFN; HART has no
+# cross-attention), restoring from the branch outputs cached at 36x36, and skips no scale. The ToProVAR paper's
+# Table 9 names no other HART setting, so both presets use this one on HART.
+FASTVAR_HART_RATIOS: dict[int, float] = {-2: 0.5, -1: 0.75}
+FASTVAR_CACHE_SCALE = {"infinity": -5, "hart": -3}
 
 
 @dataclass(frozen=True)
@@ -231,15 +237,17 @@ class FastVARConfig(_ConfigBase):
       pruned scale a layer runs each sub-layer on n - int(n * ratio) tokens; ratio 1.0 stops generation
       there (the summed codes so far are decoded).
     layers: [first, stop) layers pruned; None = [max(1, round(3 D / 32)), D - round(4 D / 32)) for depth
-      D, which is FastVAR's 3..27 for the 32-layer 2B (1..3 for the tiny model, 4..34 for 8B).
-    cache_scale: position of the scale whose full branch outputs are cached for restoration (public
-      code: 24x24 = -5); must come before every pruned scale.
+      D, which is FastVAR's 3..27 for the 32-layer 2B (1..3 for the tiny model, 4..34 for 8B); every
+      layer on HART.
+    cache_scale: position of the scale whose full branch outputs are cached for restoration; must come
+      before every pruned scale. None = the public code's: 24x24 = -5 on Infinity, 36x36 = -3 on HART.
+    On HART (``resolve(..., family="hart")``) the presets give FASTVAR_HART_RATIOS (its released HART code).
     """
     preset: str = "issue"
     model_size: str = "auto"
     ratios: Mapping[int, float] | None = None
     layers: tuple[int, int] | None = None
-    cache_scale: int = -5
+    cache_scale: int | None = None
 
     def __post_init__(self):
         o = type(self).__name__
@@ -265,14 +273,19 @@ class FastVARConfig(_ConfigBase):
             if len(lay) != 2 or lay[0] >= lay[1]:
                 _fail(o, "layers", "[first, stop) with first < stop", self.layers)
             object.__setattr__(self, "layers", lay)
-        if not _is_int(self.cache_scale):
+        if self.cache_scale is not None and not _is_int(self.cache_scale):
             _fail(o, "cache_scale", "an integer scale position", self.cache_scale)
 
-    def resolve(self, depth: int, num_scales: int) -> tuple[list[float], range, int]:
-        """Per-scale pruning ratios, the pruned layer range and the cache scale index for a model."""
+    def resolve(self, depth: int, num_scales: int, family: str = "infinity") -> tuple[list[float], range, int]:
+        """Per-scale pruning ratios, the pruned layer range and the cache scale index for a model of
+        ``family`` ("infinity" or "hart")."""
         o = type(self).__name__
+        if family not in FASTVAR_CACHE_SCALE:
+            _fail(o, "family", f"one of {sorted(FASTVAR_CACHE_SCALE)}", family)
+        hart = family == "hart"
         size = self.model_size if self.model_size != "auto" else ("8b" if depth == 40 else "2b")
-        table = self.ratios if self.ratios is not None else FASTVAR_PRESETS[self.preset][size]
+        table = self.ratios if self.ratios is not None else (
+            FASTVAR_HART_RATIOS if hart else FASTVAR_PRESETS[self.preset][size])
         ratios = [0.0] * num_scales
         for pos, r in table.items():
             idx = pos if pos >= 0 else num_scales + pos
@@ -281,14 +294,15 @@ class FastVARConfig(_ConfigBase):
             ratios[idx] = r
         if ratios[0] >= 1.0:
             _fail(o, "ratios", "a schedule that runs at least scale 0", table)
-        first, stop = self.layers if self.layers is not None else (
+        first, stop = self.layers if self.layers is not None else (0, depth) if hart else (
             max(1, round(3 * depth / 32)), depth - round(4 * depth / 32))
         if stop > depth:
             _fail(o, "layers", f"a range within depth {depth}", [first, stop])
-        cache = self.cache_scale if self.cache_scale >= 0 else num_scales + self.cache_scale
+        pos = self.cache_scale if self.cache_scale is not None else FASTVAR_CACHE_SCALE[family]
+        cache = pos if pos >= 0 else num_scales + pos
         pruned = [i for i, r in enumerate(ratios) if 0.0 < r < 1.0]
         if pruned and not 0 <= cache < min(pruned):
-            _fail(o, "cache_scale", f"a scale before the first pruned scale (index {min(pruned)})", self.cache_scale)
+            _fail(o, "cache_scale", f"a scale before the first pruned scale (index {min(pruned)})", pos)
         return ratios, range(first, stop), cache
 
 

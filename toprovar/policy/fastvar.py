@@ -12,7 +12,8 @@ with them). A scale with ratio 1.0 is not run, nor any later one (the public cod
 64x64: the 40x40 sum is decoded).
 
 Which scales and layers: see ``FastVARConfig`` (positions from the end of the schedule; the default
-is the ToProVAR paper's Table 8 setting, "public" is the released code's). This policy runs its pruned
+is the ToProVAR paper's Table 8 setting, "public" is the released code's; on HART both are its released
+HART code's: 48x48 at 0.5 and 64x64 at 0.75 in every layer, cache at 36x36). This policy runs its pruned
 layers through a ``BlockRunner`` on the PyTorch model (per-sub-layer selection is not one graph piece).
 """
 from __future__ import annotations
@@ -120,7 +121,7 @@ class FastVARPolicy(Policy):
     def start(self, info: GenerationInfo) -> None:
         super().start(info)
         self.schedule = [tuple(s) for s in info.schedule]
-        self.ratios, self.layers, self.cache_si = self.config.resolve(info.depth, len(info.schedule))
+        self.ratios, self.layers, self.cache_si = self.config.resolve(info.depth, len(info.schedule), info.family)
         self.caches: dict[int, dict] = {}
 
     def run_scale(self, si: int) -> bool:

@@ -215,6 +215,22 @@ def rows_view(t: torch.Tensor, b: int | None, B: int) -> torch.Tensor:
     return t if b is None else t[b::B]
 
 
+def kv_layout(depth: int, total: int, last: int) -> tuple[list[int], int]:
+    """Where each layer's KV cache lies in one shared buffer: (token offset per layer, buffer length in tokens).
+
+    Layer l's cache is the window [off_l, off_l + total) of the buffer; windows are stacked in reverse order
+    with a stride of ``total - last`` tokens (what the scales before the last one fill). Before the last scale
+    no two layers' filled parts overlap. At the last scale (``last`` tokens), layer l writes its new keys/values
+    over the start of layer l-1's window, after layer l-1 has run the last scale: nothing reads a layer's cache
+    after its last attention. So the caches take depth * (total - last) + last tokens instead of
+    depth * total (the 2B at 1024px: 39% less), with no copy.
+    """
+    if not 0 < last <= total:
+        raise ValueError(f"kv_layout: last scale of {last} tokens in a cache of {total}")
+    past = total - last
+    return [(depth - 1 - layer) * past for layer in range(depth)], depth * past + last
+
+
 def heads_view(cache_k: list, cache_v: list, layer: int, Bp: int, P: int | None, rows: int | None = None,
                B: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's caches (B', total, H, hd) token-major, as (B', H, P, hd) views of their first P tokens
@@ -379,21 +395,22 @@ class Orchestrator:
         return GenerationResult(images, list(bits), trace, scale_ms, stage_ms, piece_ms)
 
     def _allocate(self, B: int, x0, cond, ada, ca_kv, ca_len) -> "ScaleState":
-        """Buffers of one generation in ``self.ws`` (KV caches for the whole schedule, the residual stream,
-        gathers, summed codes, sampled bits) -> the state before scale 0."""
+        """Buffers of one generation in ``self.ws`` (KV caches for the whole schedule, laid out by
+        ``kv_layout``; the residual stream, gathers, summed codes, sampled bits) -> the state before scale 0."""
         sp, dev, dt = self.spec, self.backend.device, self.backend.dtype
         Bp = x0.shape[0]
         # scale 0 runs x0's tokens (Infinity: the one start token; HART: the text's context tokens)
         n0 = x0.shape[1] - self.schedule[0][0] * self.schedule[0][1]
         total = sum(h * w for h, w in self.schedule) + n0
         n_max = max(max(h * w for h, w in self.schedule), x0.shape[1])
-        shape = (Bp, total, sp.num_heads, sp.head_dim)  # token-major: the layout of a block's new k/v
         fh, fw = self.schedule[-1]
+        offsets, length = kv_layout(sp.depth, total, fh * fw + (n0 if len(self.schedule) == 1 else 0))
+        shape = (Bp, length, sp.num_heads, sp.head_dim)  # token-major: the layout of a block's new k/v
         f = 2 if sp.spatial_patchify else 1
-        need = 2 * sp.depth * tensor_bytes(shape, dt)
+        need = 2 * tensor_bytes(shape, dt)
         try:
-            cache_k = [self.ws.view(f"cache_k{i}", shape, dt) for i in range(sp.depth)]
-            cache_v = [self.ws.view(f"cache_v{i}", shape, dt) for i in range(sp.depth)]
+            kbuf, vbuf = self.ws.view("cache_k", shape, dt), self.ws.view("cache_v", shape, dt)
+            cache_k, cache_v = [kbuf[:, o:o + total] for o in offsets], [vbuf[:, o:o + total] for o in offsets]
             for name, numel in (("x", Bp * n_max * sp.width), ("xin", Bp * n_max * sp.width),
                                 ("rope_in", n_max * sp.head_dim)):
                 self.ws.reserve(name, numel, torch.float32)

@@ -181,11 +181,11 @@ def test_buffers_reused_across_scales_and_calls(ort_rt):
 
     be.begin_scale = spy
     try:
-        ptrs = [orch.ws.view(f"cache_k{i}", (1,), be.dtype).data_ptr() for i in range(ort_rt.cfg.depth)]
+        ptrs = [orch.ws.view(name, (1,), be.dtype).data_ptr() for name in ("cache_k", "cache_v")]
         before = (orch.ws.grows, be.ws.grows)
         ort_rt.generate_from_features(text, lengths, seed=1, policy=make_policy("toprovar"), progress=False)
         assert (orch.ws.grows, be.ws.grows) == before  # second call: no new device buffer at all
-        assert ptrs == [orch.ws.view(f"cache_k{i}", (1,), be.dtype).data_ptr() for i in range(ort_rt.cfg.depth)]
+        assert ptrs == [orch.ws.view(name, (1,), be.dtype).data_ptr() for name in ("cache_k", "cache_v")]
         # a fresh runtime: after the first scale nothing is allocated in the loop (sizes reserved up front)
         fresh = EngineRuntime.open(ort_rt.manifest.root, "onnxruntime", "cpu")
         seen.clear()

@@ -6,10 +6,12 @@
 #       then capture); then the official Infinity code at the same batch sizes (<= 170 s); then
 #       bench/batch_sets.py with what is left.
 #   bench/serve_device.sh serve     carry [".whl/serve_site.tar.xz"]   tools/device_wheels.sh's site (nvidia-pytriton
-#       0.7.0, tritonclient, numpy<2, ...) extracted to /tmp/serve_site, then toprovar serve (Triton) under closed-loop
-#       load at concurrency 1/4/16 for none and toprovar, and its SIGTERM shutdown.
+#       0.7.0, tritonclient, numpy<2, ...) extracted to /tmp/serve_site, then tests/gpu/test_serve_gpu.py, then
+#       toprovar serve (Triton) under closed-loop load at concurrency 1/4/16 for none and toprovar, and its SIGTERM
+#       shutdown.
 # $OUT: serve_infinity-2b.{json,md} (offline + official section) or serve_infinity-2b_server.{json,md} and
-# serve_infinity-2b_server_server.log (serve), official_anchor_batch.{json,md}, batch_sets_infinity-2b.{json,md},
+# serve_infinity-2b_server_server.log and serve_gpu_pytest.log (serve), official_anchor_batch.{json,md},
+# batch_sets_infinity-2b.{json,md},
 # env.txt, and <mode>.log (everything printed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +56,10 @@ if [ "$mode" = offline ]; then
     echo "batch_sets.py skipped: $(left) s left"
   fi
 else
+  # first the GPU check of toprovar serve (shapes model, cuda:0: images == generate, SIGTERM) <= 150 s
+  timeout -k 5 150 python3 -m pytest -q -s -rA tests/gpu/test_serve_gpu.py -p no:cacheprovider \
+    > "$OUT/serve_gpu_pytest.log" 2>&1
+  echo "test_serve_gpu exit $? at ${SECONDS} s"; tail -n 5 "$OUT/serve_gpu_pytest.log"
   # server startup (model load) <= 150 s; rows: what is left minus 90 s (skipped rows recorded); shutdown <= 60 s
   timeout -k 10 "$(( $(left) - 10 ))" python3 bench/serve.py --model infinity-2b --no-offline --no-compile \
     --concurrency 1,4,16 --requests-per-client 4 --min-requests 16 --serve-policies none,toprovar \

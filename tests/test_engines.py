@@ -1,7 +1,7 @@
 """Real TensorRT-RTX engines (``toprovar-export --engines --trt-flavor rtx``) on a machine without a GPU.
 
-Every piece of the tiny model (bfloat16, float16, float32) and of the packaged ``shapes`` model (bfloat16,
-float16) is exported and built by the real TensorRT-RTX builder for sm89, with the manifest's per-scale
+Every piece of the tiny model (bfloat16, float16, float32) and of the packaged ``shapes`` model (bfloat16;
+its float16 export differs from tiny's only in size, and CI time is kept for the rest) is exported and built by the real TensorRT-RTX builder for sm89, with the manifest's per-scale
 optimization profiles, once per session (builder optimization level 0, two build processes); the checks
 then run on what was built: engine I/O names, dtypes and each profile's min/opt/max against the manifest
 (the builder's engine report), the layer list, the FAE pieces built from the function body (no plugin
@@ -30,7 +30,7 @@ except TensorRTUnavailable as exc:  # pragma: no cover - CI installs it (.ci/run
     pytest.skip(str(exc), allow_module_level=True)
 
 TARGET = "sm89"
-CASES = [("tiny", "bfloat16"), ("tiny", "float16"), ("tiny", "float32"), ("shapes", "bfloat16"), ("shapes", "float16")]
+CASES = [("tiny", "bfloat16"), ("tiny", "float16"), ("tiny", "float32"), ("shapes", "bfloat16")]
 JOBS = 2 if (os.cpu_count() or 1) >= 2 else 1
 
 

@@ -21,20 +21,20 @@ def hide_unimportable_packages() -> dict[str, str]:
     """Mark SciPy / scikit-learn absent in this process when installed but not importable.
 
     ``sys.modules[name] = None`` is Python's own "not importable" mark: ``find_spec`` answers None (what
-    transformers asks) and ``import name`` raises ImportError. Partial modules of the failed import are
-    dropped. Returns {package: first line of its import error} for the packages it hid (SciPy first: a
+    transformers asks) and ``import name`` raises ImportError. The modules the failed import added are
+    dropped (half-initialised). Returns {package: first line of its import error} for the packages it hid (SciPy first: a
     scikit-learn without it fails too).
     """
     hidden = {}
     for package, probe in PROBES.items():
         if package in sys.modules or importlib.util.find_spec(package) is None:
             continue
+        before = set(sys.modules)
         try:
             importlib.import_module(probe)
         except Exception as exc:  # noqa: BLE001 (an ABI mismatch raises AttributeError, ImportError, ValueError ...)
-            for name in [m for m in sys.modules if m.split(".")[0] in PROBES]:
-                if sys.modules[name] is not None:
-                    del sys.modules[name]
+            for name in set(sys.modules) - before:  # what the failed import left half-initialised
+                del sys.modules[name]
             sys.modules[package] = None
             text = (str(exc).strip().splitlines() or [""])[0]
             hidden[package] = f"{type(exc).__name__}: {text}".rstrip(": ")

@@ -8,7 +8,6 @@ import importlib.util
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +20,7 @@ if importlib.util.find_spec("pytriton") is None:
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 from toprovar.cli import main  # noqa: E402
-from toprovar.serving.client import Client, load  # noqa: E402
+from toprovar.serving.client import Client, load, wait_ready  # noqa: E402
 from toprovar.serving.server import free_ports  # noqa: E402
 
 PROMPTS = ["a red square left of a blue circle", "two green triangles", "a yellow circle", "a blue square"]
@@ -34,17 +33,11 @@ def server():
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--max-batch", "4", "--queue-delay-ms", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    c, t0 = Client(f"localhost:{http}"), time.monotonic()
     try:
-        while not c.ready():
-            if proc.poll() is not None:
-                pytest.fail(f"toprovar serve exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-            if time.monotonic() - t0 > 240:
-                proc.kill()
-                pytest.fail("toprovar serve: not ready after 240 s")
-            time.sleep(0.5)
-    finally:
-        c.close()
+        wait_ready(f"localhost:{http}", 240, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        pytest.fail(f"{exc}:\n{proc.stdout.read()[-3000:]}")
     yield {"proc": proc, "http": f"localhost:{http}", "grpc": f"grpc://localhost:{grpc}", "metrics": metrics}
     if proc.poll() is None:
         proc.kill()
@@ -173,3 +166,12 @@ def test_model_py_puts_the_servers_pythonpath_first(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     exec(prefix, {})
     assert sys.path[0] == str(tmp_path.resolve())
+
+
+def test_wait_ready_stops_when_the_server_process_exits():
+    """A server that exits before it is ready: wait_ready says so at once, not after its timeout."""
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    with pytest.raises(RuntimeError, match="exited with status 3 before it was ready"):
+        wait_ready(f"localhost:{port}", 600, proc)

@@ -24,24 +24,19 @@ PROMPTS = ["a red square left of a blue circle", "two green triangles", "a yello
 
 @pytest.fixture(scope="module")
 def server():
-    from toprovar.serving.client import Client
+    from toprovar.serving.client import wait_ready
     from toprovar.serving.server import free_ports
     http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen([sys.executable, "-m", "toprovar.cli", "serve", "--model", "shapes", "--device", "cuda",
                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                              "--max-batch", "4", "--queue-delay-ms", "200"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    c, t0 = Client(f"localhost:{http}"), time.monotonic()
+    t0 = time.monotonic()
     try:
-        while not c.ready():
-            if proc.poll() is not None:
-                pytest.fail(f"toprovar serve exited with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
-            if time.monotonic() - t0 > 240:
-                proc.kill()
-                pytest.fail(f"not ready after 240 s:\n{proc.stdout.read()[-4000:]}")
-            time.sleep(0.5)
-    finally:
-        c.close()
+        wait_ready(f"localhost:{http}", 240, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        pytest.fail(f"{exc}:\n{proc.stdout.read()[-4000:]}")
     print(f"server ready in {time.monotonic() - t0:.1f} s")
     yield {"proc": proc, "urls": [f"localhost:{http}", f"grpc://localhost:{grpc}"]}
     if proc.poll() is None:

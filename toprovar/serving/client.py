@@ -136,11 +136,14 @@ def load(url: str, concurrency: int, requests: int, prompts: list[str], policy: 
     return out
 
 
-def wait_ready(url: str, timeout: float) -> None:
-    """Block until the server and the model are ready (TimeoutError after ``timeout`` s)."""
+def wait_ready(url: str, timeout: float, proc=None) -> None:
+    """Block until the server and the model are ready: TimeoutError after ``timeout`` s, RuntimeError as soon
+    as ``proc`` (the server's ``subprocess.Popen``, if given) has exited."""
     c, t0 = Client(url), time.monotonic()
     try:
         while not c.ready():
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"toprovar serve exited with status {proc.returncode} before it was ready")
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"{url}: model {MODEL_NAME} not ready after {timeout:g} s")
             time.sleep(0.5)

@@ -3,7 +3,7 @@
 #   bench/serve_device.sh offline   carry [".carry/infinity"]          2B random weights, 1024px bf16, batch
 #       1,2,4,8,16 x none/toprovar (pinned)/fastvar-public/skipvar, whole-scale CUDA graphs, torch.compile OFF
 #       (compiling every block for 5 batch sizes does not fit the call), median of 2 after 2 warm-ups (eager,
-#       then capture); then the official Infinity code at the same batch sizes (<= 170 s); then
+#       then capture); then the official Infinity code at the same batch sizes (<= 160 s); then
 #       bench/batch_sets.py with what is left.
 #   bench/serve_device.sh serve     carry [".whl/serve_site.tar.xz"]   tools/device_wheels.sh's site (nvidia-pytriton
 #       0.7.0, tritonclient, numpy<2, ...) extracted to /tmp/serve_site, then tests/gpu/test_serve_gpu.py, then
@@ -20,6 +20,7 @@ mode=${1:-}
 : "${OUT:?bench/serve_device.sh: OUT is not set (the output folder of the device tool)}"
 export PYTHONUNBUFFERED=1
 LIMIT=${SERVE_DEVICE_LIMIT:-540}  # seconds for the whole script, installs included
+# offline: SERVE_ROWS_S (default 330) for the rows, SERVE_OFFICIAL_S (default 160) for the official anchor
 left() { echo $((LIMIT - SECONDS)); }
 exec > >(tee -a "$OUT/$mode.log") 2>&1
 
@@ -44,9 +45,9 @@ sysconfig.get_config_var("LDLIBRARY"), "numpy", numpy.__version__, "torch", torc
 cat "$OUT/env.txt"
 
 if [ "$mode" = offline ]; then
-  # offline rows: budget 300 s (skipped rows recorded); official anchor: 170 s; the outer timeout is the hard stop
+  # offline rows: SERVE_ROWS_S (skipped rows recorded); official anchor: SERVE_OFFICIAL_S; the outer timeout is the hard stop
   timeout -k 10 "$(( $(left) - 15 ))" python3 bench/serve.py --model infinity-2b --no-serve --no-compile \
-    --runs 2 --warmup 2 --time-budget 300 --official-repo .carry/infinity --official-timeout 170 --out "$OUT"
+    --runs 2 --warmup 2 --time-budget "${SERVE_ROWS_S:-330}" --official-repo .carry/infinity --official-timeout "${SERVE_OFFICIAL_S:-160}" --out "$OUT"
   echo "serve.py exit $? at ${SECONDS} s"
   if [ "$(left)" -gt 60 ]; then
     timeout -k 5 "$(( $(left) - 10 ))" python3 bench/batch_sets.py --model infinity-2b --no-compile \

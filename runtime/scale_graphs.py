@@ -14,7 +14,9 @@ per plan: the first generation runs eagerly (warm-up: compilation, library handl
 second captures every scale and replays it at once (capture does not execute), later ones replay.
 The capturing policy object is kept with the plan: tensors it holds (buffers, state carried from scale
 to scale) are what the graphs read. A capture that fails disables graphs for that plan (the
-generation reruns eagerly, with a warning).
+generation reruns eagerly, with a warning), except a capture out of memory while other plans hold their
+pools: those plans are dropped and the generation reruns, capturing again (a long-lived server that met
+many batch sizes keeps its graphs for the current ones instead of running eagerly from then on).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
+
+from .buffers import is_oom
 
 
 class ScalePlan:
@@ -105,12 +109,24 @@ class ScaleGraphs:
         return (ws.addresses(),) + tuple(t.data_ptr() for t in (st.cond, st.ada, st.ca_kv, st.ca_len))
 
     def fail(self, plan: ScalePlan, exc: BaseException) -> None:
-        """A capture failed: drop the plan, never graph its key again, and say so once."""
+        """A capture failed: drop the plan, never graph its key again, and say so once. Out of memory
+        while other plans are held: drop those instead (their memory pools) and keep the key, so the rerun
+        captures it again."""
         self._plans.pop(plan.key, None)
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        self._failed[plan.key] = why
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        retry = is_oom(exc) and bool(self._plans)
+        if retry:
+            dropped = len(self._plans)
+            self._plans.clear()
+        else:
+            self._failed[plan.key] = why
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        if retry:
+            warnings.warn(f"scale graphs: capture for policy {plan.key[0]!r}, batch {plan.key[1]} ran out of memory; "
+                          f"dropped the {dropped} other plan(s) to capture it again", RuntimeWarning, stacklevel=3)
+            return
         warnings.warn(f"scale graphs disabled for policy {plan.key[0]!r}: capture failed ({why}); running eagerly",
                       RuntimeWarning, stacklevel=3)
 

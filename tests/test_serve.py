@@ -31,7 +31,7 @@ def server():
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "toprovar.cli", "serve", "--model", "shapes", "--device", "cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--max-batch", "4", "--queue-delay-ms", "300"]
+           "--max-batch", "4", "--queue-delay-ms", "300", "--batch-buckets", "2,4"]  # buckets: padded batches
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(f"localhost:{http}", 240, proc)
@@ -154,6 +154,32 @@ def test_serve_argument_errors_are_one_line(tmp_path, capsys):
     assert "--policy: unknown policy 'bogus'" in capsys.readouterr().err
     assert main(["serve", "--http-port", "8000", "--grpc-port", "8000"]) == 2
     assert "three different ports" in capsys.readouterr().err
+    for value, message in [("0,2", "sizes must be in 1..8 (--max-batch), got '0,2'"),
+                           ("4,9", "sizes must be in 1..8 (--max-batch), got '4,9'"),
+                           ("two", "'two' is not auto, off or a list of batch sizes")]:
+        assert main(["serve", "--batch-buckets", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("toprovar: error: --batch-buckets: ") and message in err and "\n" not in err, err
+
+
+def test_batch_buckets_resolve_and_become_preferred_batch_sizes():
+    """auto: powers of two up to --max-batch on GPU instances of a pipeline model, none on the CPU or for an
+    export directory; the buckets above 1 are the dynamic batcher's preferred sizes."""
+    import argparse
+
+    from toprovar.serving.server import add_serve_args, batch_buckets, model_config
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    gpu, cpu = [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}], [{"kind": "KIND_CPU", "count": 1}]
+    assert batch_buckets(p.parse_args(["--max-batch", "16"]), gpu) == [1, 2, 4, 8, 16]
+    assert batch_buckets(p.parse_args(["--max-batch", "12"]), gpu) == [1, 2, 4, 8, 12]
+    assert batch_buckets(p.parse_args(["--max-batch", "16"]), cpu) is None
+    assert batch_buckets(p.parse_args(["--max-batch", "16", "--engine-dir", "x"]), gpu) is None
+    assert batch_buckets(p.parse_args(["--max-batch", "16", "--batch-buckets", "off"]), gpu) is None
+    assert batch_buckets(p.parse_args(["--max-batch", "8", "--batch-buckets", "4,2,2"]), cpu) == [2, 4, 8]
+    config = model_config(16, 20000, gpu, [1, 2, 4, 8, 16])
+    assert "dynamic_batching { preferred_batch_size: [ 2, 4, 8, 16 ] max_queue_delay_microseconds: 20000 }" in config
+    assert "dynamic_batching { max_queue_delay_microseconds: 20000 }" in model_config(16, 20000, cpu, None)
 
 
 

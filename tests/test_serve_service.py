@@ -18,11 +18,11 @@ class FailsOn(ImageModel):
     bad_prompt = "this prompt runs out of memory"
     calls: list
 
-    def generate(self, rows):
+    def generate(self, rows, pad_to=None):
         self.calls.append([r.prompt for r in rows])
         if any(r.prompt == self.bad_prompt for r in rows):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().generate(rows)
+        return super().generate(rows, pad_to)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,32 @@ def test_failing_row_fails_alone_and_policies_run_apart(model):
     side = max(model.schedule[-1]) * 4  # the tiny VAE's stride
     for i in (0, 2, 3):  # rows 0 and 2: their images from the row-by-row retry
         assert isinstance(out[i], np.ndarray) and out[i].dtype == np.uint8 and out[i].shape == (side, side, 3), i
+
+
+def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatch):
+    """With batch buckets, a batch of a static (graphable) policy runs padded to the next bucket with copies of
+    its last row, and each request still gets the image it gets alone (tiny model, CPU float32, bit for bit);
+    a policy whose decisions read device values (adaptive ToProVAR: rows share D and kept counts) is never
+    padded."""
+    from toprovar.serving.service import default_buckets, parse_buckets
+    assert default_buckets(16) == [1, 2, 4, 8, 16] and default_buckets(6) == [1, 2, 4, 6] and default_buckets(1) == [1]
+    assert parse_buckets("auto", 8) == "auto" and parse_buckets("off", 8) is None
+    assert parse_buckets("2, 4", 8) == [2, 4, 8]
+    sizes = []
+    real = model.rt.generate
+    monkeypatch.setattr(model.rt, "generate", lambda prompts, **kw: sizes.append(len(prompts)) or real(prompts, **kw))
+    svc = ImageService(model, "none", max_batch=4, batch_buckets=[1, 2, 4])
+    alone = ImageService(model, "none")
+    assert ImageService(model, "none", max_batch=4, batch_buckets="auto").buckets is None  # CPU: no scale graphs
+    seed = int.from_bytes(os.urandom(3), "little")
+    prompts = ["a red fox", "a yellow circle", "a blue square"]
+    for policy, padded in [("none", 4), ("toprovar-pinned", 4), ("fastvar", 4), ("toprovar", 3)]:
+        rows = [Row(p, seed + i, 3.0 - i / 2, policy) for i, p in enumerate(prompts)]
+        sizes.clear()
+        out = svc.run(rows)
+        assert sizes == [padded], (policy, sizes)
+        assert svc.pad_to(3, policy) == (padded if padded == 4 else None)
+        # padded: each row as it is alone; not padded (its rows share decisions): as the unbucketed batch
+        expect = [alone.run([r])[0] for r in rows] if padded == 4 else ImageService(model, "none", 4).run(rows)
+        for r, img, ref in zip(rows, out, expect):
+            assert np.array_equal(img, ref), (policy, r)

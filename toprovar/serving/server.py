@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from .placement import instance_groups, to_pbtxt, visible_gpus
-from .service import POLICY_NAMES
+from .service import POLICY_NAMES, default_buckets, parse_buckets
 
 MODEL_NAME = "toprovar"
 OPTIONS_FILE = "toprovar_options.json"  # the model's options, next to its model.py
@@ -90,8 +90,12 @@ def backend_dir(work: Path) -> Path:
     return work / "backends"
 
 
-def model_config(max_batch: int, queue_delay_us: int, groups: list[dict]) -> str:
-    """config.pbtxt of the model ``toprovar``."""
+def model_config(max_batch: int, queue_delay_us: int, groups: list[dict], buckets: list[int] | None = None) -> str:
+    """config.pbtxt of the model ``toprovar``. ``buckets``: the batch buckets above 1 become the batcher's
+    ``preferred_batch_size`` (a batch of one of them that can be formed runs at once, the largest first; 1 is
+    left out, or every lone request would run at once without waiting for batch-mates)."""
+    preferred = [b for b in buckets or [] if b > 1]
+    pref = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
     return f"""name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -105,7 +109,7 @@ output [
   {{ name: "image", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] }},
   {{ name: "device", data_type: TYPE_STRING, dims: [ 1 ] }}
 ]
-dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
+dynamic_batching {{ {pref}max_queue_delay_microseconds: {queue_delay_us} }}
 {to_pbtxt(groups)}"""
 
 
@@ -126,7 +130,7 @@ def write_repository(root: Path, options: dict, max_batch: int, queue_delay_us: 
     """The model repository: root/toprovar/{config.pbtxt, 1/model.py, 1/toprovar_options.json}."""
     m = root / MODEL_NAME
     (m / "1").mkdir(parents=True)
-    (m / "config.pbtxt").write_text(model_config(max_batch, queue_delay_us, groups))
+    (m / "config.pbtxt").write_text(model_config(max_batch, queue_delay_us, groups, options.get("batch_buckets")))
     (m / "1" / "model.py").write_text(model_py())
     (m / "1" / OPTIONS_FILE).write_text(json.dumps(options, indent=1))
     return root
@@ -164,6 +168,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch (prompts per generation)")
     p.add_argument("--queue-delay-ms", type=float, default=5.0,
                    help="how long the dynamic batcher waits to fill a batch")
+    p.add_argument("--batch-buckets", default="auto", metavar="auto|off|SIZES",
+                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8; the largest preferred "
+                        "by the batcher); auto: powers of two up to --max-batch on GPU instances of a pipeline model "
+                        "(one CUDA-graph plan per size), off elsewhere")
     p.add_argument("--instances-per-gpu", type=int, default=1, help="model instances on each GPU (default 1)")
     p.add_argument("--gpus", default=None, help="comma-separated visible GPU indices to use (default: all)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the model to load")
@@ -182,6 +190,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ServeError(f"--max-batch: must be >= 1, got {args.max_batch}")
     if args.queue_delay_ms < 0:
         raise ServeError(f"--queue-delay-ms: must be >= 0, got {args.queue_delay_ms}")
+    try:
+        parse_buckets(args.batch_buckets, args.max_batch)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
     ports = [args.http_port, args.grpc_port, args.metrics_port]
     if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
         raise ServeError(f"--http-port/--grpc-port/--metrics-port: three different ports in 1..65535, got {ports}")
@@ -193,6 +205,16 @@ def placement(args: argparse.Namespace) -> list[dict]:
         raise ServeError("--device cuda: no GPU is visible")
     ids = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     return instance_groups(gpus, args.instances_per_gpu, ids)
+
+
+def batch_buckets(args: argparse.Namespace, groups: list[dict]) -> list[int] | None:
+    """The instances' batch buckets: ``--batch-buckets`` resolved ("auto": ``default_buckets`` when the
+    instances are GPUs running a pipeline model, whose generations replay whole-scale CUDA graphs)."""
+    buckets = parse_buckets(args.batch_buckets, args.max_batch)
+    if buckets == "auto":
+        graphed = not args.engine_dir and groups[0]["kind"] == "KIND_GPU"
+        return default_buckets(args.max_batch) if graphed else None
+    return buckets
 
 
 def check_numpy() -> None:
@@ -213,7 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "weights_seed": args.weights_seed, "checkpoint": args.checkpoint, "vae": args.vae,
                          "t5": args.t5, "calibration": args.calibration, "compile": args.compile,
                          "random_text_encoder": args.random_text_encoder},
-               "default_policy": args.policy, "max_batch": args.max_batch}
+               "default_policy": args.policy, "max_batch": args.max_batch,
+               "batch_buckets": batch_buckets(args, groups)}
     work = Path(tempfile.mkdtemp(prefix="toprovar-serve-"))
     proc = None
     try:

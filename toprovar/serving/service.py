@@ -7,6 +7,13 @@ with its own seed and CFG scale, under one policy. ``ImageService.run`` takes th
 rows are grouped by policy (one batched generation per policy, at most ``max_batch`` rows each); when a
 batched generation fails (out of memory, ...) its rows are retried one by one so that only the failing row
 fails.
+
+Batch buckets (``batch_buckets``): whole-scale CUDA graphs are captured per batch size, so a server that
+generated every size its dynamic batcher forms (1 .. max batch) would warm up, capture and hold a graph plan
+for each. With buckets, a batch of a graphed (static) policy is padded up to the next bucket with copies of
+its last row, whose images are dropped: a row's image does not depend on its batch-mates for those policies
+(docs/runtime.md "Batches"), so the answers are unchanged. Policies whose decisions read device values are
+not graphed and never padded.
 """
 from __future__ import annotations
 
@@ -25,6 +32,27 @@ from toprovar.policy import POLICIES, Policy, ToProVARConfig, ToProVARPolicy, ma
 PINNED = "toprovar-pinned"
 POLICY_NAMES = tuple(sorted(POLICIES)) + (PINNED,)
 MAX_SEED = 2**63 - 1
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """Powers of two below ``max_batch``, then ``max_batch``: 16 -> [1, 2, 4, 8, 16], 12 -> [1, 2, 4, 8, 12]."""
+    out = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return out + [max_batch]
+
+
+def parse_buckets(text: str, max_batch: int) -> list[int] | str | None:
+    """``--batch-buckets``: "auto" (``default_buckets`` where scale graphs run), "off" (None), or sizes
+    "1,2,4,8" (sorted, each in 1..max_batch; max_batch is added). ValueError naming the flag otherwise."""
+    text = text.strip()
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    try:
+        sizes = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--batch-buckets: {text!r} is not auto, off or a list of batch sizes like 1,2,4,8") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > max_batch:
+        raise ValueError(f"--batch-buckets: sizes must be in 1..{max_batch} (--max-batch), got {text!r}")
+    return sizes + ([max_batch] if sizes[-1] < max_batch else [])
 
 
 class RequestError(ValueError):
@@ -77,6 +105,7 @@ class ImageModel:
             self.cfg, self.max_batch = self.rt.cfg, None
             self.schedule = resolve_schedule(self.cfg, resolution, 1.0)
             # whole-scale CUDA graphs are planned per batch size (and text length): keep one per dynamic batch size
+            # (ImageService's batch buckets keep them few; a capture out of memory drops the others first)
             self.rt.orchestrator(self.schedule).graphs.max_plans = 32
             self.text_encoder = self.rt.text_encoder
             self.label = f"model {self.cfg.name} (PyTorch)"
@@ -101,23 +130,52 @@ class ImageModel:
     def policy(self, name: str) -> Policy:
         return serving_policy(name, self.cfg.depth, len(self.schedule), self.calibration)
 
-    def generate(self, rows: Sequence[Row]) -> np.ndarray:
-        """One batched generation of rows sharing a policy -> (B, H, W, 3) uint8."""
+    @property
+    def scale_graphs(self) -> bool:
+        """Whether this model's generations capture whole-scale CUDA graphs (PyTorch pipeline on CUDA)."""
+        if self.max_batch is not None:  # an export directory's runtime: graphs per engine context, not per plan
+            return False
+        return self.rt.orchestrator(self.schedule).graphs.enabled
+
+    def generate(self, rows: Sequence[Row], pad_to: int | None = None) -> np.ndarray:
+        """One batched generation of rows sharing a policy -> (B, H, W, 3) uint8. ``pad_to``: generate that
+        many rows, the last row repeated, and return the first B images."""
+        rows = list(rows)
+        n = len(rows)
+        if pad_to is not None and pad_to > n:
+            rows += [rows[-1]] * (pad_to - n)
         kw = {"resolution": self.resolution} if self.max_batch is None else {}
         res = self.rt.generate([r.prompt for r in rows], seed=[r.seed for r in rows], row_cfg=[r.cfg for r in rows],
                                policy=self.policy(rows[0].policy), progress=False, **kw)
-        return to_uint8(res.images)
+        return to_uint8(res.images[:n])
 
 
 class ImageService:
     """Validation and batched generation for one model instance."""
 
-    def __init__(self, model: ImageModel, default_policy: str = "none", max_batch: int | None = None):
+    def __init__(self, model: ImageModel, default_policy: str = "none", max_batch: int | None = None,
+                 batch_buckets: Sequence[int] | str | None = None):
+        """batch_buckets: sizes to pad static-policy batches up to, "auto" (``default_buckets(max_batch)``
+        when the model captures scale graphs, else none), or None."""
         if default_policy not in POLICY_NAMES:
             raise ValueError(f"--policy: unknown policy {default_policy!r}; choose from {list(POLICY_NAMES)}")
         self.model, self.default_policy = model, default_policy
         limits = [m for m in (max_batch, model.max_batch) if m]
         self.max_batch = min(limits) if limits else None
+        if batch_buckets == "auto":
+            batch_buckets = default_buckets(self.max_batch) if self.max_batch and model.scale_graphs else None
+        self.buckets = sorted(batch_buckets) if batch_buckets else None
+        self._static: dict[str, bool] = {}
+
+    def pad_to(self, n: int, policy: str) -> int | None:
+        """The bucket a batch of n rows of ``policy`` is padded to (None: not padded)."""
+        if not self.buckets:
+            return None
+        if policy not in self._static:
+            self._static[policy] = self.model.policy(policy).plan_key() is not None
+        if not self._static[policy]:
+            return None
+        return next((b for b in self.buckets if b >= n), None)
 
     def parse(self, prompt, seed=None, cfg=None, policy=None) -> Row:
         """One row from a request's values (bytes or str prompt/policy, int seed, float cfg; None: default)."""
@@ -145,7 +203,8 @@ class ImageService:
     def run(self, rows: Sequence[Row], on_error: Callable[[BaseException], None] | None = None
             ) -> list[np.ndarray | Exception]:
         """Generate every row: (H, W, 3) uint8 or the exception that row failed with. Rows are grouped by
-        policy into batched generations of at most ``max_batch``; a failed batch is retried row by row."""
+        policy into batched generations of at most ``max_batch`` (padded to a bucket: ``pad_to``); a failed
+        batch is retried row by row."""
         out: list[np.ndarray | Exception | None] = [None] * len(rows)
         by_policy: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
@@ -155,7 +214,8 @@ class ImageService:
             for k in range(0, len(idx), step):
                 chunk = idx[k:k + step]
                 try:
-                    images = self.model.generate([rows[i] for i in chunk])
+                    pad = self.pad_to(len(chunk), rows[chunk[0]].policy)
+                    images = self.model.generate([rows[i] for i in chunk], pad)
                     for i, img in zip(chunk, images):
                         out[i] = img
                     continue
@@ -168,7 +228,7 @@ class ImageService:
                         continue
                 for i in chunk:  # batch-mates of a failure: one by one, so only the failing row fails
                     try:
-                        out[i] = self.model.generate([rows[i]])[0]
+                        out[i] = self.model.generate([rows[i]], self.pad_to(1, rows[i].policy))[0]
                     except Exception as exc:  # noqa: BLE001
                         _recover()
                         out[i] = exc

@@ -42,7 +42,8 @@ class TritonPythonModel:
             import torch
             torch.cuda.set_device(torch.device(self.device))
         model = ImageModel(device=self.device, **opts["model"])
-        self.service = ImageService(model, opts["default_policy"], opts.get("max_batch"))
+        self.service = ImageService(model, opts["default_policy"], opts.get("max_batch"),
+                                    opts.get("batch_buckets"))
         self.label = device_label(self.device, args["model_instance_name"])
         pb_utils.Logger.log_info(f"toprovar: instance {self.label}: {model.label} ready")
 

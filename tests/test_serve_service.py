@@ -69,28 +69,32 @@ def test_failing_row_fails_alone_and_policies_run_apart(model):
 
 def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatch):
     """With batch buckets, a batch of a static (graphable) policy runs padded to the next bucket with copies of
-    its last row, and each request still gets the image it gets alone (tiny model, CPU float32, bit for bit);
-    a policy whose decisions read device values (adaptive ToProVAR: rows share D and kept counts) is never
-    padded."""
+    its last row and its text features padded to a length bucket, and each request still gets the image it gets
+    alone (tiny model, CPU float32, bit for bit); a policy whose decisions read device values (adaptive
+    ToProVAR: rows share D and kept counts) is never padded."""
     from toprovar.serving.service import default_buckets, parse_buckets
     assert default_buckets(16) == [1, 2, 4, 8, 16] and default_buckets(6) == [1, 2, 4, 6] and default_buckets(1) == [1]
     assert parse_buckets("auto", 8) == "auto" and parse_buckets("off", 8) is None
     assert parse_buckets("2, 4", 8) == [2, 4, 8]
-    sizes = []
-    real = model.rt.generate
-    monkeypatch.setattr(model.rt, "generate", lambda prompts, **kw: sizes.append(len(prompts)) or real(prompts, **kw))
+    assert [model.text_bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]  # tiny: text_maxlen 64
+    shapes = []
+    real = model.rt.generate_from_features
+    monkeypatch.setattr(model.rt, "generate_from_features",
+                        lambda text, lengths, *a, **kw: shapes.append(tuple(text.shape[:2])) or real(text, lengths,
+                                                                                                        *a, **kw))
     svc = ImageService(model, "none", max_batch=4, batch_buckets=[1, 2, 4])
     alone = ImageService(model, "none")
     assert ImageService(model, "none", max_batch=4, batch_buckets="auto").buckets is None  # CPU: no scale graphs
     seed = int.from_bytes(os.urandom(3), "little")
-    prompts = ["a red fox", "a yellow circle", "a blue square"]
-    for policy, padded in [("none", 4), ("toprovar-pinned", 4), ("fastvar", 4), ("toprovar", 3)]:
+    prompts = ["a red fox", "a yellow circle beside a tall tree", "a blue square"]  # 10, 35, 14 tokens
+    for policy, padded in [("none", (4, 64)), ("toprovar-pinned", (4, 64)), ("fastvar", (4, 64)),
+                           ("toprovar", (3, 35))]:
         rows = [Row(p, seed + i, 3.0 - i / 2, policy) for i, p in enumerate(prompts)]
-        sizes.clear()
+        shapes.clear()
         out = svc.run(rows)
-        assert sizes == [padded], (policy, sizes)
-        assert svc.pad_to(3, policy) == (padded if padded == 4 else None)
+        assert shapes == [padded], (policy, shapes)
+        assert svc.pad_to(3, policy) == (4 if padded[0] == 4 else None)
         # padded: each row as it is alone; not padded (its rows share decisions): as the unbucketed batch
-        expect = [alone.run([r])[0] for r in rows] if padded == 4 else ImageService(model, "none", 4).run(rows)
+        expect = [alone.run([r])[0] for r in rows] if padded[0] == 4 else ImageService(model, "none", 4).run(rows)
         for r, img, ref in zip(rows, out, expect):
             assert np.array_equal(img, ref), (policy, r)

@@ -10,9 +10,10 @@ fails.
 
 Batch buckets (``batch_buckets``): whole-scale CUDA graphs are captured per batch size, so a server that
 generated every size its dynamic batcher forms (1 .. max batch) would warm up, capture and hold a graph plan
-for each. With buckets, a batch of a graphed (static) policy is padded up to the next bucket with copies of
-its last row, whose images are dropped: a row's image does not depend on its batch-mates for those policies
-(docs/runtime.md "Batches"), so the answers are unchanged. Policies whose decisions read device values are
+for each (and for each text length). With buckets, a batch of a graphed (static) policy is padded up to the
+next bucket with copies of its last row, whose images are dropped, and its text features up to a length bucket
+(masked positions): a row's image does not depend on its batch-mates for those policies (docs/runtime.md
+"Batches"), so the answers are unchanged. Policies whose decisions read device values are
 not graphed and never padded.
 """
 from __future__ import annotations
@@ -137,16 +138,33 @@ class ImageModel:
             return False
         return self.rt.orchestrator(self.schedule).graphs.enabled
 
+    def text_bucket(self, length: int) -> int:
+        """The text length a graphed batch is padded to: the next power of two from 16 up, at most the model's
+        ``text_maxlen`` (a scale-graph plan is keyed by the text length too)."""
+        bucket = 16
+        while bucket < length:
+            bucket *= 2
+        return max(length, min(bucket, self.cfg.text_maxlen))
+
     def generate(self, rows: Sequence[Row], pad_to: int | None = None) -> np.ndarray:
         """One batched generation of rows sharing a policy -> (B, H, W, 3) uint8. ``pad_to``: generate that
-        many rows, the last row repeated, and return the first B images."""
+        many rows, the last row repeated, with the text features padded to ``text_bucket`` (positions past
+        each row's length are masked), and return the first B images."""
         rows = list(rows)
         n = len(rows)
         if pad_to is not None and pad_to > n:
             rows += [rows[-1]] * (pad_to - n)
-        kw = {"resolution": self.resolution} if self.max_batch is None else {}
-        res = self.rt.generate([r.prompt for r in rows], seed=[r.seed for r in rows], row_cfg=[r.cfg for r in rows],
-                               policy=self.policy(rows[0].policy), progress=False, **kw)
+        kw = dict(seed=[r.seed for r in rows], row_cfg=[r.cfg for r in rows], policy=self.policy(rows[0].policy),
+                  progress=False)
+        prompts = [r.prompt for r in rows]
+        if self.max_batch is not None:  # an export directory's runtime
+            res = self.rt.generate(prompts, **kw)
+        elif pad_to is None:
+            res = self.rt.generate(prompts, resolution=self.resolution, **kw)
+        else:
+            text, lengths = self.text_encoder.encode(prompts)
+            text = torch.nn.functional.pad(text, (0, 0, 0, self.text_bucket(text.shape[1]) - text.shape[1]))
+            res = self.rt.generate_from_features(text, lengths, resolution=self.resolution, **kw)
         return to_uint8(res.images[:n])
 
 

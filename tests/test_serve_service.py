@@ -84,7 +84,6 @@ def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatc
                                                                                                         *a, **kw))
     svc = ImageService(model, "none", max_batch=4, batch_buckets=[1, 2, 4])
     alone = ImageService(model, "none")
-    assert ImageService(model, "none", max_batch=4, batch_buckets="auto").buckets is None  # CPU: no scale graphs
     seed = int.from_bytes(os.urandom(3), "little")
     prompts = ["a red fox", "a yellow circle beside a tall tree", "a blue square"]  # 10, 35, 14 tokens
     for policy, padded in [("none", (4, 64)), ("toprovar-pinned", (4, 64)), ("fastvar", (4, 64)),

@@ -131,13 +131,6 @@ class ImageModel:
     def policy(self, name: str) -> Policy:
         return serving_policy(name, self.cfg.depth, len(self.schedule), self.calibration)
 
-    @property
-    def scale_graphs(self) -> bool:
-        """Whether this model's generations capture whole-scale CUDA graphs (PyTorch pipeline on CUDA)."""
-        if self.max_batch is not None:  # an export directory's runtime: graphs per engine context, not per plan
-            return False
-        return self.rt.orchestrator(self.schedule).graphs.enabled
-
     def text_bucket(self, length: int) -> int:
         """The text length a graphed batch is padded to: the next power of two from 16 up, at most the model's
         ``text_maxlen`` (a scale-graph plan is keyed by the text length too)."""
@@ -172,16 +165,14 @@ class ImageService:
     """Validation and batched generation for one model instance."""
 
     def __init__(self, model: ImageModel, default_policy: str = "none", max_batch: int | None = None,
-                 batch_buckets: Sequence[int] | str | None = None):
-        """batch_buckets: sizes to pad static-policy batches up to, "auto" (``default_buckets(max_batch)``
-        when the model captures scale graphs, else none), or None."""
+                 batch_buckets: Sequence[int] | None = None):
+        """batch_buckets: sizes to pad static-policy batches up to (``toprovar serve --batch-buckets``,
+        resolved by ``toprovar.serving.server.batch_buckets``), or None."""
         if default_policy not in POLICY_NAMES:
             raise ValueError(f"--policy: unknown policy {default_policy!r}; choose from {list(POLICY_NAMES)}")
         self.model, self.default_policy = model, default_policy
         limits = [m for m in (max_batch, model.max_batch) if m]
         self.max_batch = min(limits) if limits else None
-        if batch_buckets == "auto":
-            batch_buckets = default_buckets(self.max_batch) if self.max_batch and model.scale_graphs else None
         self.buckets = sorted(batch_buckets) if batch_buckets else None
         self._static: dict[str, bool] = {}
 

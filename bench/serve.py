@@ -160,7 +160,8 @@ def serving(args, device: torch.device, dtype: str, log: Path, budget: Budget, f
            "--device", "cpu" if device.type == "cpu" else "auto", "--weights-seed", str(args.weights_seed),
            "--random-text-encoder", "--max-batch", str(args.max_batch), "--queue-delay-ms", str(args.queue_delay_ms),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--instances-per-gpu", str(args.instances_per_gpu)]
+           "--instances-per-gpu", str(args.instances_per_gpu),
+           "--warmup", ",".join(PINNED if n == "toprovar" else n for n in args.serve_policies)]
     if args.resolution:
         cmd += ["--resolution", str(args.resolution)]
     if args.compile or (args.compile is None and device.type == "cuda"):

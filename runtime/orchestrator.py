@@ -356,6 +356,7 @@ class Orchestrator:
                                     family=sp.family))
         plan = None if profile else self.graphs.plan(policy, st, self.ws)
         bar = tqdm(range(S), desc=f"scales [{be.name}]", disable=not progress, leave=False)
+        rerun = False
         for si in bar:
             if not policy.run_scale(si):
                 break
@@ -367,14 +368,20 @@ class Orchestrator:
                 else:
                     self._scale(st, si, policy, trace, timer.lap if profile else _no_lap)
             except Exception as exc:
-                if plan is not None and plan.capturing:  # graphs are an optimisation: rerun eagerly
+                if plan is not None and plan.capturing:  # graphs are an optimisation: rerun (below)
                     self.graphs.fail(plan, exc)
-                    return self._generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy,
-                                          profile=profile, progress=progress, row_cfg=row_cfg)
+                    rerun = True
+                    break
                 if is_oom(exc):
                     raise oom_error(f"at scale {si} ({h}x{w}, {h * w} tokens, batch {st.Bp})", exc, dev) from None
                 raise
             timer.stop(si)
+        if rerun:  # without the failed plan's graphs and state alive: they hold the shared graph memory pool
+            del plan, st
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            return self._generate(text, lengths, seed=seed, cfg=cfg, tau=tau, top_p=top_p, policy=policy,
+                                  profile=profile, progress=progress, row_cfg=row_cfg)
         if plan is not None:
             plan.finish(self.graphs.binding(st, self.ws))
         timer.start("decode")

@@ -168,3 +168,20 @@ def test_one_command_gpu_run_smoke_on_cpu(tmp_path):
     assert q["n_prompts"] == 5 and {r["family"] for r in q["rows"]} >= {"none", "toprovar", "fastvar", "skipvar"}
     assert json.loads((out / "calibration.json").read_text())["format"] == "toprovar-calibration/1"
     assert (work / "model.safetensors").is_file()
+
+
+def test_gpu_run_tokenizer_alone_then_transformer_on_it(tmp_path):
+    """tools/train_scenes_gpu.py --tokenizer-only returns the tokenizer file; --train-only --tokenizer DIR
+    trains a transformer on that file (tiny model, CPU)."""
+    mod = _load("train_scenes_gpu", "tools/train_scenes_gpu.py")
+    common = ["--model", "tiny", "--device", "cpu", "--smoke", "--images", "32", "--batch", "2", "--tokenizer-batch",
+              "2", "--eval-prompts", "4", "--workers", "1", "--budget-s", "30"]
+    tok = tmp_path / "tok"
+    assert mod.main(common + ["--tokenizer-only", "--work", str(tmp_path / "w1"), "--out", str(tok)]) == 0
+    assert sorted(p.name for p in tok.iterdir()) == ["train_config.json", "train_log.jsonl", "vae.safetensors"]
+    out, work = tmp_path / "out", tmp_path / "w2"
+    assert mod.main(common + ["--train-only", "--tokenizer", str(tok), "--work", str(work), "--out", str(out)]) == 0
+    assert (work / "vae.safetensors").read_bytes() == (tok / "vae.safetensors").read_bytes()
+    assert (work / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match="--tokenizer: .* holds no vae.safetensors"):
+        mod.main(common + ["--tokenizer", str(tmp_path / "w2" / "nope"), "--out", str(tmp_path / "o3")])

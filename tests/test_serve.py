@@ -31,7 +31,8 @@ def server():
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "toprovar.cli", "serve", "--model", "shapes", "--device", "cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--max-batch", "4", "--queue-delay-ms", "300", "--batch-buckets", "2,4"]  # buckets: padded batches
+           "--max-batch", "4", "--queue-delay-ms", "300", "--batch-buckets", "2,4",  # buckets: padded batches
+           "--warmup", "none"]  # each bucket generated twice before ready
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(f"localhost:{http}", 240, proc)
@@ -129,6 +130,8 @@ def test_health_metrics_and_load_generator(server):
     res = load(server["grpc"], concurrency=3, requests=3, prompts=PROMPTS).summary()
     assert res["ok"] == 3 and res["errors"] == 0 and res["devices"] == {"cpu toprovar_0_0": 3}
     assert 0 < res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] and res["images_per_s"] > 0
+    order = res["latencies_ms_in_order"]  # each request's latency, as they completed
+    assert len(order) == 3 and np.percentile(order, 50) == pytest.approx(res["latency_ms"]["p50"], abs=0.1)
     assert metric(server["metrics"], "nv_inference_request_success") >= 3
 
 
@@ -143,6 +146,7 @@ def test_sigterm_shuts_down_cleanly(server):
     log = proc.stdout.read()
     assert rc == 0, log[-2000:]
     assert "successfully unloaded 'toprovar'" in log
+    assert "warm-up (none x4, none x2) in " in log  # --warmup none with buckets 2,4, before ready
     assert not Client(server["http"]).ready()
 
 
@@ -160,11 +164,17 @@ def test_serve_argument_errors_are_one_line(tmp_path, capsys):
         assert main(["serve", "--batch-buckets", value]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("toprovar: error: --batch-buckets: ") and message in err and "\n" not in err, err
+    for value, message in [("none,bogus", "'bogus' is not auto, off or a list of policies"),
+                           (",", "',' is not auto, off or a list of policies")]:
+        assert main(["serve", "--warmup", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("toprovar: error: --warmup: ") and message in err and "\n" not in err, err
 
 
-def test_batch_buckets_resolve_and_become_preferred_batch_sizes():
+def test_batch_buckets_resolve_and_stay_inside_the_instances():
     """auto: powers of two up to --max-batch on GPU instances of a pipeline model, none on the CPU or for an
-    export directory; the buckets above 1 are the dynamic batcher's preferred sizes."""
+    export directory; they are not the dynamic batcher's preferred sizes (a preferred size runs as soon as it can
+    be formed: two of sixteen requests arriving together would run as a batch of 2)."""
     import argparse
 
     from toprovar.serving.server import add_serve_args, batch_buckets, model_config
@@ -177,9 +187,14 @@ def test_batch_buckets_resolve_and_become_preferred_batch_sizes():
     assert batch_buckets(p.parse_args(["--max-batch", "16", "--engine-dir", "x"]), gpu) is None
     assert batch_buckets(p.parse_args(["--max-batch", "16", "--batch-buckets", "off"]), gpu) is None
     assert batch_buckets(p.parse_args(["--max-batch", "8", "--batch-buckets", "4,2,2"]), cpu) == [2, 4, 8]
-    config = model_config(16, 20000, gpu, [1, 2, 4, 8, 16])
-    assert "dynamic_batching { preferred_batch_size: [ 2, 4, 8, 16 ] max_queue_delay_microseconds: 20000 }" in config
-    assert "dynamic_batching { max_queue_delay_microseconds: 20000 }" in model_config(16, 20000, cpu, None)
+    from toprovar.serving.server import warmup_policies
+    assert warmup_policies(p.parse_args([]), [1, 2, 4]) == ["none"]  # auto: the default policy
+    assert warmup_policies(p.parse_args(["--policy", "skipvar"]), [1, 2]) == ["skipvar"]
+    assert warmup_policies(p.parse_args(["--warmup", "none,toprovar-pinned"]), [4]) == ["none", "toprovar-pinned"]
+    assert warmup_policies(p.parse_args(["--warmup", "off"]), [1, 2, 4]) == []
+    assert warmup_policies(p.parse_args(["--warmup", "none"]), None) == []  # no buckets: nothing to warm
+    config = model_config(16, 20000, gpu)
+    assert "dynamic_batching { max_queue_delay_microseconds: 20000 }" in config and "preferred" not in config
 
 
 

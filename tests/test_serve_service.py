@@ -97,3 +97,19 @@ def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatc
         expect = [alone.run([r])[0] for r in rows] if padded[0] == 4 else ImageService(model, "none", 4).run(rows)
         for r, img, ref in zip(rows, out, expect):
             assert np.array_equal(img, ref), (policy, r)
+
+
+def test_warm_up_generates_each_bucket_twice_largest_first_for_graphed_policies(model, monkeypatch):
+    """``warm_up``: every bucket twice (eager warm-up, then capture), the largest first, padded like a request
+    batch; a policy that reads device values (adaptive ToProVAR) is not graphed and not warmed; no buckets,
+    nothing."""
+    calls = []
+    real = ImageModel.generate
+    monkeypatch.setattr(model, "generate", lambda rows, pad_to=None: calls.append((rows[0].policy, len(rows), pad_to))
+                        or real(model, rows, pad_to))
+    svc = ImageService(model, "none", max_batch=4, batch_buckets=[1, 2, 4])
+    assert svc.warm_up(["none", "toprovar", "toprovar-pinned"]) == [
+        ("none", 4), ("none", 2), ("none", 1), ("toprovar-pinned", 4), ("toprovar-pinned", 2), ("toprovar-pinned", 1)]
+    assert calls == [(p, b, b) for p in ("none", "toprovar-pinned") for b in (4, 4, 2, 2, 1, 1)]
+    calls.clear()
+    assert ImageService(model, "none", max_batch=4).warm_up(["none"]) == [] and calls == []

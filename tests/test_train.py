@@ -3,6 +3,7 @@ consistent with generation, and a smoke run of tools/train_small.py (CPU)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -139,6 +140,36 @@ def test_train_small_smoke(tmp_path):
     assert pipe.generate(["a red circle"], progress=False).images.shape == (1, 3, 64, 64)
     with pytest.raises(FileNotFoundError, match="--weights"):
         Pipeline.load("tiny", weights=str(tmp_path / "missing"))
+
+
+def test_train_small_stages_apart(tmp_path, capsys):
+    """--tokenizer-only trains, saves and scores a tokenizer alone; --tokenizer DIR trains a transformer on it
+    (the tokenizer file unchanged); bad combinations are one line."""
+    spec = importlib.util.spec_from_file_location("train_small", ROOT / "tools" / "train_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok, full = tmp_path / "tok", tmp_path / "full"
+    common = ["--model", "tiny", "--device", "cpu", "--images", "32", "--batch", "2", "--eval-prompts", "4",
+              "--log-every", "1"]
+    assert mod.main(common + ["--tokenizer-only", "--tokenizer-steps", "2", "--out", str(tok)]) == 0
+    assert sorted(f.name for f in tok.iterdir()) == ["train_config.json", "train_log.jsonl", "vae.safetensors"]
+    summary = json.loads((tok / "train_config.json").read_text())
+    assert summary["stage"] == "tokenizer only" and summary["checker_ground_truth"] == 1.0
+    assert 0 <= summary["checker_tokenizer_reconstruction"]["overall"] <= 1 and summary["reconstruction_psnr_db"] > 0
+    assert mod.main(common + ["--tokenizer", str(tok), "--steps", "2", "--out", str(full)]) == 0
+    assert (full / "vae.safetensors").read_bytes() == (tok / "vae.safetensors").read_bytes()
+    assert Pipeline.load("tiny", weights=str(full)).generate(["a red circle"], progress=False).images.shape[0] == 1
+    more = tmp_path / "tok2"  # the tokenizer trained further
+    assert mod.main(common + ["--tokenizer-only", "--tokenizer", str(tok), "--tokenizer-steps", "1", "--out",
+                              str(more)]) == 0
+    assert json.loads((more / "train_config.json").read_text())["stage"] == "tokenizer only"
+    assert (more / "vae.safetensors").read_bytes() != (tok / "vae.safetensors").read_bytes()
+    for extra, message in [(["--tokenizer-only", "--resume", str(full)], "--tokenizer-only: trains a tokenizer alone"),
+                           (["--tokenizer", str(tmp_path)], f"--tokenizer: {tmp_path} holds no vae.safetensors")]:
+        with pytest.raises(SystemExit) as err:
+            mod.main(common + extra + ["--out", str(tmp_path / "x")])
+        assert str(err.value).startswith(message), err.value
+    assert not (tmp_path / "x").exists()
 
 
 def test_packaged_shapes_model_follows_prompts():

@@ -21,6 +21,10 @@ generated below). The Markdown table is rebuilt from quality_scenes.json with
         --resume runs/scenes --out $OUT                              # repeat while device time lasts
     python tools/train_scenes_gpu.py --measure-only --budget-s 540 --prompts 200 --grid full \
         --calib-prompts 64 --out $OUT
+    # the tokenizer alone (its vae.safetensors, 13 MB, comes back in $OUT), and later the transformer on it:
+    python tools/train_scenes_gpu.py --tokenizer-only --budget-s 480 --tokenizer-batch 64 --out $OUT
+    python tools/train_scenes_gpu.py --train-only --tokenizer .carry/scenes_tokenizer --budget-s 540 --compile \
+        --out $OUT
 """
 from __future__ import annotations
 
@@ -60,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer step")
     p.add_argument("--resume", default=None, help="a previous --work: tokenizer reused, transformer continued")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a trained tokenizer (DIR/vae.safetensors, e.g. from --tokenizer-only): the transformer "
+                        "trains from scratch on it")
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--calib-prompts", type=int, default=24)
     p.add_argument("--prompts", type=int, default=60, help="most held-out prompts of the quality sweep")
@@ -71,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--train-only", action="store_true", help="stage 1 only (the whole budget trains)")
     g.add_argument("--measure-only", action="store_true", help="stages 2-4 on the weights in --work")
+    g.add_argument("--tokenizer-only", action="store_true",
+                   help="the tokenizer alone (the whole budget but its evaluation); vae.safetensors comes back")
     return p.parse_args(argv)
 
 
@@ -94,14 +103,16 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     if out.exists() and not out.is_dir():
         sys.exit(f"--out: {out} is not a directory")
-    if args.resume and not (Path(args.resume) / "vae.safetensors").is_file():
-        sys.exit(f"--resume: {args.resume} holds no vae.safetensors")
+    for flag, given in (("--resume", args.resume), ("--tokenizer", args.tokenizer)):
+        if given and not (Path(given) / "vae.safetensors").is_file():
+            sys.exit(f"{flag}: {given} holds no vae.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     left = lambda: args.budget_s - (time.perf_counter() - t0)  # noqa: E731
     if args.measure_only and not (work / "model.safetensors").is_file():
         sys.exit(f"--measure-only: {work} holds no model.safetensors (train first)")
     reserve = args.reserve_s if args.reserve_s is not None else 0.35 * args.budget_s
-    train_s = args.budget_s - (60 if args.train_only else reserve)  # train_small's own evaluation stays
+    # train_small's own evaluation stays inside the budget
+    train_s = args.budget_s - (60 if args.train_only or args.tokenizer_only else reserve)
     train_small = _load("train_small", ROOT / "tools" / "train_small.py")
     targs = ["--model", args.model, "--device", args.device, "--images", str(args.images), "--batch", str(args.batch),
              "--tokenizer-batch", str(args.tokenizer_batch), "--lr", str(args.lr), "--train-seconds", str(train_s),
@@ -111,17 +122,21 @@ def main(argv=None) -> int:
         targs += ["--tokenizer-steps", "2", "--steps", "2", "--warmup", "1", "--log-every", "1"]
     else:
         targs += ["--tokenizer-steps", "100000", "--steps", "1000000", "--warmup", "200",
-                  "--tokenizer-seconds", str(args.tokenizer_frac * train_s)]
+                  "--tokenizer-seconds", str((0.9 if args.tokenizer_only else args.tokenizer_frac) * train_s)]
     if args.compile:
         targs.append("--compile")
     if args.resume:
         targs += ["--resume", args.resume]
+    if args.tokenizer:
+        targs += ["--tokenizer", args.tokenizer]
+    if args.tokenizer_only:
+        targs.append("--tokenizer-only")
     if not args.measure_only:
         print(f"[{time.perf_counter() - t0:.0f} s] training: {' '.join(targs)}", flush=True)
         train_small.main(targs)
-    for name in ("train_config.json", "train_log.jsonl"):
+    for name in ("train_config.json", "train_log.jsonl") + (("vae.safetensors",) if args.tokenizer_only else ()):
         shutil.copy(work / name, out / name)
-    if args.train_only:
+    if args.train_only or args.tokenizer_only:
         return 0
 
     from toprovar.eval.datasets import dataset_for

@@ -17,6 +17,12 @@ steps, final losses, held-out checker accuracy) and train_log.jsonl (one line pe
     python tools/train_small.py --device cpu --images 512 --tokenizer-steps 5 --steps 5 --out /tmp/smoke
     python tools/train_small.py --model scenes --images 30000 --batch 64 --tokenizer-batch 32 --compile \
         --tokenizer-seconds 90 --minutes 4 --out runs/scenes
+    # the stages apart (a tokenizer trained in one device call, the transformer in a later one):
+    python tools/train_small.py --model scenes --tokenizer-only --tokenizer-seconds 420 --out runs/scenes_tok
+    python tools/train_small.py --model scenes --tokenizer runs/scenes_tok --minutes 8 --compile --out runs/scenes
+
+--tokenizer-only writes vae.safetensors, train_config.json (with the reconstructions' checker accuracy and
+PSNR on the held-out images) and train_log.jsonl; with --tokenizer DIR it continues DIR's tokenizer.
 """
 from __future__ import annotations
 
@@ -74,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None,
                    help="a previous run's output directory: its tokenizer is reused (stage 1 skipped) and the "
                         "transformer and text encoder start from its weights (fresh optimizer)")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="stage 1 only: train, save and evaluate the tokenizer (no transformer)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a trained tokenizer's directory (its vae.safetensors): stage 1 skipped, the transformer "
+                        "trained from scratch on it")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored by the checker at the end")
     p.add_argument("--log-every", type=int, default=100)
@@ -125,12 +136,16 @@ class Logger:
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.lines)))
 
 
-def train_tokenizer(args, images: torch.Tensor, schedule, log: Logger) -> BSQAutoencoder:
+def train_tokenizer(args, images: torch.Tensor, schedule, log: Logger, start: Path | None = None) -> BSQAutoencoder:
     """Stage 1: reconstruction (L1 + MSE) through the straight-through multiscale BSQ, plus commitment.
-    images: (n, H, W, 3) uint8 on the device."""
+    images: (n, H, W, 3) uint8 on the device; ``start``: a vae.safetensors to continue from."""
     cfg = get_config(args.model)
     torch.manual_seed(args.seed)
-    ae = BSQAutoencoder(cfg.vae).to(args.device).train()
+    ae = BSQAutoencoder(cfg.vae)
+    if start is not None:
+        load_into(ae, start)
+        log.log(stage="tokenizer", continued_from=str(start))
+    ae = ae.to(args.device).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     batch = args.tokenizer_batch or args.batch
@@ -262,12 +277,53 @@ def versions() -> dict:
     return out
 
 
+def finish_tokenizer(args, ae: BSQAutoencoder, schedule, data, log: Logger, out: Path, t0: float) -> int:
+    """--tokenizer-only: save vae.safetensors (bfloat16) and score its reconstructions of the held-out images
+    (checker accuracy next to ground truth and chance, PSNR) into train_config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(ae, out / "vae.safetensors", dtype=torch.bfloat16)
+    ev_images, _, ev_scenes = data.make(args.eval_prompts, args.seed + 1000, workers=args.workers)
+    saved = BSQAutoencoder(get_config(args.model).vae)
+    load_into(saved, out / "vae.safetensors")  # what a later stage loads
+    x = to_tensor(ev_images, args.device)
+    rec = reconstruct(saved.to(args.device).float().eval(), x, schedule)
+    mse = (rec - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    ae_rec = to_uint8(rec)
+    specs = [s.spec for s in ev_scenes]
+    summary = {
+        "args": vars(args), "versions": versions(), "schedule": schedule, "stage": "tokenizer only",
+        "train_seconds": round(time.perf_counter() - t0, 1), "eval_seed": args.seed + 1000, "dataset": data.name,
+        "tokenizer_final": next((r for r in reversed(log.lines) if r.get("stage") == "tokenizer" and "loss" in r),
+                                None),
+        "reconstruction_psnr_db": round(float((10 * torch.log10(4 / mse)).mean()), 2),
+        "checker_ground_truth": data.evaluate(list(ev_images), specs)["overall"],
+        "checker_tokenizer_reconstruction": {k: v for k, v in data.evaluate(list(ae_rec), specs).items()
+                                             if k != "correct"},
+        "checker_chance": data.chance(list(ev_images), specs, seed=args.seed)["overall"],
+        "files_bytes": {"vae.safetensors": (out / "vae.safetensors").stat().st_size},
+    }
+    log.save(out / "train_log.jsonl")
+    atomic_write(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(json.dumps({k: summary[k] for k in ("train_seconds", "reconstruction_psnr_db", "checker_ground_truth",
+                                               "checker_tokenizer_reconstruction")}, indent=1))
+    print(out / "train_config.json")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = get_config(args.model)
     out = Path(args.out) if args.out else cfg.weights_dir
     if out is None:
         sys.exit(f"--out: model {args.model} has no packaged weights directory; pass --out")
+    if args.tokenizer_only and args.resume:
+        sys.exit("--tokenizer-only: trains a tokenizer alone; --resume continues a transformer (use --tokenizer DIR "
+                 "to continue a tokenizer)")
+    if args.resume and args.tokenizer:
+        sys.exit("--tokenizer: --resume already reuses the previous run's tokenizer; give one of them")
+    given = args.resume or args.tokenizer
+    if given and not (Path(given) / "vae.safetensors").is_file():
+        sys.exit(f"{'--resume' if args.resume else '--tokenizer'}: {given} holds no vae.safetensors")
     schedule = resolve_schedule(cfg, None, 1.0)
     data = dataset_for(args.model)
     log = Logger()
@@ -280,14 +336,19 @@ def main(argv=None) -> int:
     del images_np
     log.log(stage="data", dataset=data.name, images=len(prompts), seconds=round(time.perf_counter() - t0, 1))
 
-    if args.resume:
+    if given and not args.tokenizer_only:
         ae = BSQAutoencoder(cfg.vae)
-        load_into(ae, Path(args.resume) / "vae.safetensors")
+        load_into(ae, Path(given) / "vae.safetensors")
         ae = ae.to(args.device).eval().requires_grad_(False)
-        log.log(stage="tokenizer", resumed_from=str(args.resume))
-    else:
-        ae = train_tokenizer(args, images, schedule, log)
+        log.log(stage="tokenizer", resumed_from=str(given))
+    else:  # with --tokenizer-only --tokenizer DIR: DIR's tokenizer trained further (fresh optimizer)
+        ae = train_tokenizer(args, images, schedule, log, Path(given) / "vae.safetensors" if given else None)
+    if args.tokenizer_only:
+        del images
+        return finish_tokenizer(args, ae, schedule, data, log, out, t0)
+    t_tok = time.perf_counter()
     bits = tokenize_all(ae, images, schedule)
+    log.log(stage="tokenize", images=len(images), seconds=round(time.perf_counter() - t_tok, 1))
     del images
     budgets = [60 * args.minutes] if args.minutes is not None else []
     if args.train_seconds is not None:
@@ -306,7 +367,8 @@ def main(argv=None) -> int:
     gen = np.concatenate([to_uint8(pipe.generate(ev_prompts[i:i + 50], seed=i, progress=False).images)
                           for i in range(0, len(ev_prompts), 50)])
     specs = [s.spec for s in ev_scenes]
-    previous = json.loads((Path(args.resume) / "train_config.json").read_text()) if args.resume else None
+    previous = json.loads((Path(given) / "train_config.json").read_text()) if given and (
+        Path(given) / "train_config.json").is_file() else None
     summary = {
         "args": vars(args), "versions": versions(), "schedule": schedule, "resumed_from": previous,
         "transformer_steps_done": steps_done, "train_seconds": round(time.perf_counter() - t0, 1),

@@ -107,3 +107,37 @@ def test_shared_kv_layout_matches_disjoint_caches(name, monkeypatch):
     for a, b in zip(ref.bits, got.bits):
         assert torch.equal(a, b)
     torch.testing.assert_close(got.images, ref.images, atol=0, rtol=0)
+
+
+def test_plans_sharing_one_graph_pool_match_eager_when_interleaved():
+    """Scale plans of several batch sizes and two policies capture into one shared graph memory pool; run
+    interleaved (each plan's replays between the others'), every generation gives the eager bits and images."""
+    import random
+
+    from toprovar.benchmark.e2e import build_policy
+    pipe = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=3)
+    eager = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=3)
+    eager.cuda_graphs = False
+    prompts = ["a red square", "two green triangles", "a yellow circle left of a blue square", "x"]
+    cases = [(name, B) for name in ("none", "toprovar") for B in (1, 2, 4)]
+    seeds = {c: random.Random(str(c)).sample(range(10_000), c[1]) for c in cases}
+
+    def gen(p, case):
+        name, B = case
+        return p.generate(prompts[:B], seed=seeds[case], policy=build_policy(name, p.cfg.depth, None, 7),
+                          progress=False)
+
+    ref = {c: gen(eager, c) for c in cases}
+    orch = None
+    for round_ in range(4):  # warm-up, capture, then replays, in a new order each round
+        order = random.Random(round_).sample(cases, len(cases))
+        for case in order:
+            got = gen(pipe, case)
+            orch = orch or next(iter(pipe._orchestrators.values()))
+            orch.graphs.max_plans = 16
+            for a, b in zip(ref[case].bits, got.bits):
+                assert torch.equal(a, b), (round_, case)
+            torch.testing.assert_close(got.images, ref[case].images, atol=0, rtol=0)
+    plans = list(orch.graphs._plans.values())
+    assert len(plans) == len(cases) and not any(p.capturing for p in plans)
+    assert len({p.pool for p in plans}) == 1

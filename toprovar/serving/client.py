@@ -95,7 +95,8 @@ class LoadResult:
                 "errors": len(self.errors), "first_error": self.errors[0] if self.errors else None,
                 "wall_s": self.wall_s, "images_per_s": len(lat) / self.wall_s if self.wall_s > 0 else float("nan"),
                 "latency_ms": {"mean": statistics.fmean(lat) if lat else float("nan"), "p50": pct(50),
-                               "p95": pct(95), "p99": pct(99)}, "devices": dict(self.devices)}
+                               "p95": pct(95), "p99": pct(99)}, "devices": dict(self.devices),
+                "latencies_ms_in_order": [round(v, 1) for v in self.latencies_ms]}  # in completion order
 
 
 def load(url: str, concurrency: int, requests: int, prompts: list[str], policy: str | None = None,

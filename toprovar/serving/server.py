@@ -90,12 +90,11 @@ def backend_dir(work: Path) -> Path:
     return work / "backends"
 
 
-def model_config(max_batch: int, queue_delay_us: int, groups: list[dict], buckets: list[int] | None = None) -> str:
-    """config.pbtxt of the model ``toprovar``. ``buckets``: the batch buckets above 1 become the batcher's
-    ``preferred_batch_size`` (a batch of one of them that can be formed runs at once, the largest first; 1 is
-    left out, or every lone request would run at once without waiting for batch-mates)."""
-    preferred = [b for b in buckets or [] if b > 1]
-    pref = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
+def model_config(max_batch: int, queue_delay_us: int, groups: list[dict]) -> str:
+    """config.pbtxt of the model ``toprovar``. No ``preferred_batch_size``: Triton sends a batch of a preferred
+    size the moment one can be formed, so with sizes 2, 4, 8, 16 the first two of sixteen requests arriving
+    together would run as a batch of 2. Without them the batcher waits up to the queue delay for a full batch
+    (the instances pad batches to their buckets themselves, ``ImageService.pad_to``)."""
     return f"""name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -109,7 +108,7 @@ output [
   {{ name: "image", data_type: TYPE_UINT8, dims: [ -1, -1, 3 ] }},
   {{ name: "device", data_type: TYPE_STRING, dims: [ 1 ] }}
 ]
-dynamic_batching {{ {pref}max_queue_delay_microseconds: {queue_delay_us} }}
+dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 {to_pbtxt(groups)}"""
 
 
@@ -130,7 +129,7 @@ def write_repository(root: Path, options: dict, max_batch: int, queue_delay_us: 
     """The model repository: root/toprovar/{config.pbtxt, 1/model.py, 1/toprovar_options.json}."""
     m = root / MODEL_NAME
     (m / "1").mkdir(parents=True)
-    (m / "config.pbtxt").write_text(model_config(max_batch, queue_delay_us, groups, options.get("batch_buckets")))
+    (m / "config.pbtxt").write_text(model_config(max_batch, queue_delay_us, groups))
     (m / "1" / "model.py").write_text(model_py())
     (m / "1" / OPTIONS_FILE).write_text(json.dumps(options, indent=1))
     return root
@@ -169,9 +168,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-delay-ms", type=float, default=5.0,
                    help="how long the dynamic batcher waits to fill a batch")
     p.add_argument("--batch-buckets", default="auto", metavar="auto|off|SIZES",
-                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8; the largest preferred "
-                        "by the batcher); auto: powers of two up to --max-batch on GPU instances of a pipeline model "
+                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8); auto: powers of two up to --max-batch on GPU instances of a pipeline model "
                         "(one CUDA-graph plan per size), off elsewhere")
+    p.add_argument("--warmup", default="auto", metavar="auto|off|POLICIES",
+                   help="before reporting ready, generate every batch bucket twice (eager warm-up, CUDA-graph capture) "
+                        "for these graphed policies (e.g. none,toprovar-pinned); auto: --policy where there are "
+                        "batch buckets, off elsewhere")
     p.add_argument("--instances-per-gpu", type=int, default=1, help="model instances on each GPU (default 1)")
     p.add_argument("--gpus", default=None, help="comma-separated visible GPU indices to use (default: all)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the model to load")
@@ -194,6 +196,7 @@ def check_args(args: argparse.Namespace) -> None:
         parse_buckets(args.batch_buckets, args.max_batch)
     except ValueError as exc:
         raise ServeError(str(exc)) from None
+    parse_warmup(args.warmup)
     ports = [args.http_port, args.grpc_port, args.metrics_port]
     if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
         raise ServeError(f"--http-port/--grpc-port/--metrics-port: three different ports in 1..65535, got {ports}")
@@ -217,6 +220,29 @@ def batch_buckets(args: argparse.Namespace, groups: list[dict]) -> list[int] | N
     return buckets
 
 
+def parse_warmup(text: str) -> list[str] | str | None:
+    """``--warmup``: "auto", "off" (None) or policy names "none,toprovar-pinned" (ServeError naming the flag
+    for an unknown one)."""
+    text = text.strip()
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in POLICY_NAMES]
+    if not names or bad:
+        raise ServeError(f"--warmup: {', '.join(map(repr, bad)) or repr(text)} is not auto, off or a list of policies "
+                         f"({', '.join(POLICY_NAMES)})")
+    return names
+
+
+def warmup_policies(args: argparse.Namespace, buckets: list[int] | None) -> list[str]:
+    """The policies the instances warm up (``--warmup`` resolved; "auto": ``--policy`` when there are batch
+    buckets). Without buckets there is nothing to warm."""
+    names = parse_warmup(args.warmup)
+    if not buckets or names is None:
+        return []
+    return [args.policy] if names == "auto" else names
+
+
 def check_numpy() -> None:
     """The Python-backend stub of Triton 2.51 (nvidia-pytriton 0.7.0) reads numpy 2 arrays with wrong strides
     (BYTES inputs arrive garbled, the stub dies): refuse numpy 2 with one line."""
@@ -237,6 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "random_text_encoder": args.random_text_encoder},
                "default_policy": args.policy, "max_batch": args.max_batch,
                "batch_buckets": batch_buckets(args, groups)}
+    options["warmup"] = warmup_policies(args, options["batch_buckets"])
     work = Path(tempfile.mkdtemp(prefix="toprovar-serve-"))
     proc = None
     try:

@@ -15,10 +15,16 @@ next bucket with copies of its last row, whose images are dropped, and its text 
 (masked positions): a row's image does not depend on its batch-mates for those policies (docs/runtime.md
 "Batches"), so the answers are unchanged. Policies whose decisions read device values are
 not graphed and never padded.
+
+Warm-up (``ImageService.warm_up``, ``toprovar serve --warmup``): before the instance reports ready, each named
+graphed policy generates every bucket twice (the eager warm-up, then the capture), the largest bucket first so
+that the buffers reach their final size before any plan is bound to them. Requests then replay graphs from the
+first one, for prompts of the shortest text-length bucket (longer prompts still capture on first use).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +39,7 @@ from toprovar.policy import POLICIES, Policy, ToProVARConfig, ToProVARPolicy, ma
 PINNED = "toprovar-pinned"
 POLICY_NAMES = tuple(sorted(POLICIES)) + (PINNED,)
 MAX_SEED = 2**63 - 1
+WARMUP_PROMPT = "warm-up"  # the warm-up generations' prompt: the shortest text-length bucket
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -185,6 +192,26 @@ class ImageService:
         if not self._static[policy]:
             return None
         return next((b for b in self.buckets if b >= n), None)
+
+    def warm_up(self, policies: Sequence[str], on_plan: Callable[[str, int, float], None] | None = None
+                ) -> list[tuple[str, int]]:
+        """Generate each bucket twice for every graphed policy of ``policies`` (largest bucket first), so that
+        requests replay scale graphs from the start; returns the (policy, bucket) plans warmed and calls
+        ``on_plan(policy, bucket, seconds)`` after each. Policies that are not graphed, or no buckets: nothing
+        to do."""
+        warmed = []
+        for name in policies:
+            for bucket in sorted(self.buckets or [], reverse=True):
+                if self.pad_to(bucket, name) is None:
+                    break
+                t0 = time.monotonic()
+                rows = [Row(WARMUP_PROMPT, 0, float(self.model.cfg.default_cfg), name)] * bucket
+                for _ in range(2):  # the eager warm-up, then the capture
+                    self.model.generate(rows, bucket)
+                warmed.append((name, bucket))
+                if on_plan:
+                    on_plan(name, bucket, time.monotonic() - t0)
+        return warmed
 
     def parse(self, prompt, seed=None, cfg=None, policy=None) -> Row:
         """One row from a request's values (bytes or str prompt/policy, int seed, float cfg; None: default)."""

@@ -14,6 +14,7 @@ name, e.g. ``cuda:1 NVIDIA H200 toprovar_0_1``).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ class TritonPythonModel:
         self.service = ImageService(model, opts["default_policy"], opts.get("max_batch"),
                                     opts.get("batch_buckets"))
         self.label = device_label(self.device, args["model_instance_name"])
+        if opts.get("warmup"):
+            t0 = time.monotonic()
+            warmed = self.service.warm_up(opts["warmup"], lambda name, b, sec: pb_utils.Logger.log_info(
+                f"toprovar: instance {self.label}: warmed {name} x{b} in {sec:.1f} s"))
+            plans = ", ".join(f"{name} x{b}" for name, b in warmed) or "none graphed"
+            pb_utils.Logger.log_info(f"toprovar: instance {self.label}: warm-up ({plans}) in "
+                                     f"{time.monotonic() - t0:.1f} s")
         pb_utils.Logger.log_info(f"toprovar: instance {self.label}: {model.label} ready")
 
     def execute(self, requests: list) -> list:

@@ -76,7 +76,11 @@ def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatc
     assert default_buckets(16) == [1, 2, 4, 8, 16] and default_buckets(6) == [1, 2, 4, 6] and default_buckets(1) == [1]
     assert parse_buckets("auto", 8) == "auto" and parse_buckets("off", 8) is None
     assert parse_buckets("2, 4", 8) == [2, 4, 8]
-    assert [model.text_bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]  # tiny: text_maxlen 64
+    assert [model.text_bucket(n) for n in (1, 16, 17, 33, 64)] == [64] * 5  # tiny: text_maxlen 64
+    import dataclasses
+    with monkeypatch.context() as m:  # a model with 512 text tokens (Infinity's T5): 128, 256, 512
+        m.setattr(model, "cfg", dataclasses.replace(model.cfg, text_maxlen=512))
+        assert [model.text_bucket(n) for n in (1, 128, 129, 300, 512)] == [128, 128, 256, 512, 512]
     shapes = []
     real = model.rt.generate_from_features
     monkeypatch.setattr(model.rt, "generate_from_features",

@@ -79,6 +79,17 @@ class TorchBackend:
         self._max_graphs = 3 * len(self.blocks) * len(schedule)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._ws = Workspace(self.device)
+        self._compiled_fns: dict = {}
+
+    def compiled_fn(self, fn):
+        """``fn`` as this backend runs it: with ``compile`` its ``torch.compile``d version (one per function,
+        static shapes: a recompilation per token count), else ``fn`` itself. For a policy that runs a layer
+        itself (FastVAR's per-sub-layer block), so its layers fuse like the backend's own blocks."""
+        if not self.compiled:
+            return fn
+        if fn not in self._compiled_fns:
+            self._compiled_fns[fn] = _compiled(fn, dynamic=False)
+        return self._compiled_fns[fn]
 
     def condition(self, text, lengths, cfg):
         out = self.cond_pieces[cfg](text, lengths)

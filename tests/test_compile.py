@@ -76,3 +76,22 @@ def test_compiled_generation_same_bits():
                                                     for k in ks)
     assert all(torch.equal(a, b) for a, b in zip(ref.bits, got.bits))
     torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+
+
+def test_compiled_fastvar_layers_same_bits():
+    """FastVAR's per-sub-layer blocks run as one compiled function on a compiled backend
+    (``TorchBackend.compiled_fn``): same kept counts and bits as eager (tiny, CPU float32)."""
+    from toprovar.benchmark.e2e import build_policy
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    eager, compiled = Pipeline.load("tiny", seed=seed), Pipeline.load("tiny", seed=seed)
+    compiled.compile = True
+    ref = eager.generate(["two green triangles"], seed=seed, policy=build_policy("fastvar", 4, None, 7), progress=False)
+    got = compiled.generate(["two green triangles"], seed=seed, policy=build_policy("fastvar", 4, None, 7),
+                            progress=False)
+    assert got.trace.kept == ref.trace.kept and any(k < ref.trace.tokens[si] for si, ks in ref.trace.kept.items()
+                                                    for k in ks)
+    assert all(torch.equal(a, b) for a, b in zip(ref.bits, got.bits))
+    torch.testing.assert_close(got.images, ref.images, atol=1e-4, rtol=0)
+    backend = next(iter(compiled._orchestrators.values())).backend
+    from toprovar.policy.fastvar import FastVARBlock
+    assert list(backend._compiled_fns) == [FastVARBlock.run]

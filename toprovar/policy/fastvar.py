@@ -14,7 +14,9 @@ with them). A scale with ratio 1.0 is not run, nor any later one (the public cod
 Which scales and layers: see ``FastVARConfig`` (positions from the end of the schedule; the default
 is the ToProVAR paper's Table 8 setting, "public" is the released code's; on HART both are its released
 HART code's: 48x48 at 0.5 and 64x64 at 0.75 in every layer, cache at 36x36). This policy runs its pruned
-layers through a ``BlockRunner`` on the PyTorch model (per-sub-layer selection is not one graph piece).
+layers through a ``BlockRunner`` on the PyTorch model (per-sub-layer selection is not one graph piece); on a
+compiled backend the whole sub-layer-by-sub-layer block is one ``torch.compile``d function
+(``TorchBackend.compiled_fn``), as the backend's own blocks are.
 """
 from __future__ import annotations
 
@@ -148,8 +150,9 @@ class FastVARPolicy(Policy):
             if model is None:
                 raise ValueError(f"--policy fastvar: needs the PyTorch backend (got {backend.name!r}); its per-"
                                  "sub-layer token choice is not an exported piece")
-            block = model.blocks[layer]
-            return FastVARBlock.run(block, x, ada, ca_kv, ca_lengths, rope, past_k, past_v, hw, ratio, cache, store)
+            run_block = backend.compiled_fn(FastVARBlock.run) if hasattr(backend, "compiled_fn") else FastVARBlock.run
+            return run_block(model.blocks[layer], x, ada, ca_kv, ca_lengths, rope, past_k, past_v, hw, ratio, cache,
+                             store)
         return run
 
 

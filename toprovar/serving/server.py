@@ -168,8 +168,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-delay-ms", type=float, default=5.0,
                    help="how long the dynamic batcher waits to fill a batch")
     p.add_argument("--batch-buckets", default="auto", metavar="auto|off|SIZES",
-                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8); auto: powers of two up to --max-batch on GPU instances of a pipeline model "
-                        "(one CUDA-graph plan per size), off elsewhere")
+                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8); auto: powers of two up "
+                        "to --max-batch on GPU instances of a pipeline model (one CUDA-graph plan per size), off "
+                        "elsewhere")
     p.add_argument("--warmup", default="auto", metavar="auto|off|POLICIES",
                    help="before reporting ready, generate every batch bucket twice (eager warm-up, CUDA-graph capture) "
                         "for these graphed policies (e.g. none,toprovar-pinned); auto: --policy where there are "

@@ -35,12 +35,17 @@ class TokenKeepPiece(nn.Module):
         self.register_buffer("k_min", torch.tensor([k_min], dtype=torch.float32))
         self.bucket = int(bucket)
 
-    def forward(self, entropy: torch.Tensor, phi_r: torch.Tensor):
+    def keep_probability(self, entropy: torch.Tensor, phi_r: torch.Tensor) -> torch.Tensor:
+        """P_keep (n,) float32 of entropy (n,) or (1, n), phi_r (1,)."""
         h = entropy.float().reshape(-1)
         n = torch.ones_like(h).sum()  # N as float32, shape-dynamic
         hn = h * (n / h.sum().clamp_min(1e-12))
         q = phi_r.float().reshape(1) * hn
-        p_keep = 1.0 - torch.clamp(self.a_min + (self.a_max - self.a_min) * q, 0.0, 1.0)
+        return 1.0 - torch.clamp(self.a_min + (self.a_max - self.a_min) * q, 0.0, 1.0)
+
+    def forward(self, entropy: torch.Tensor, phi_r: torch.Tensor):
+        p_keep = self.keep_probability(entropy, phi_r)
+        n = torch.ones_like(p_keep).sum()
         k_lo = torch.clamp(torch.ceil(self.k_min * n - 1e-3), min=1.0)
         k = torch.maximum(torch.round(p_keep.sum()).reshape(1), k_lo)
         k = torch.minimum(torch.ceil(k / self.bucket) * self.bucket, n.reshape(1))
@@ -76,10 +81,28 @@ def ascending_first(order: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nonzero_static(chosen, size=k).squeeze(1)
 
 
+def top_k_ascending(p: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of ``p`` (n,)'s descending order with equal values by ascending index (the stable sort's
+    order, ``TokenKeepPiece``'s ``order``), themselves ascending: (k,) int64, 1 <= k <= n.
+
+    Without sorting n values: v = the k-th largest (``kthvalue``, one selection); every value above v is
+    chosen, and of those equal to v the first k - #(p > v) by index; a running count places each chosen
+    index at its rank.
+    """
+    n = p.shape[-1]
+    v = torch.kthvalue(p, n - k + 1).values
+    above, tie = p > v, p == v
+    chosen = above | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= k - above.sum()))
+    slot = torch.where(chosen, torch.cumsum(chosen.to(torch.int64), 0) - 1, k)  # unchosen: a spare slot k
+    idx = torch.ones_like(slot).cumsum(0) - 1
+    return torch.zeros(k + 1, dtype=torch.int64, device=p.device).scatter_(0, slot, idx)[:k]
+
+
 def select_kept(piece: TokenKeepPiece, entropy: torch.Tensor, phi_r: torch.Tensor, k: int) -> torch.Tensor:
-    """The k tokens with the largest P_keep (``piece``'s order), ascending: (k,) int64 (k known on the host:
-    a pinned operating point). Compiled with torch.compile by the policy when the backend is compiled."""
-    return ascending_first(piece(entropy, phi_r)[2], k)
+    """The k tokens with the largest P_keep (``piece``'s order, ties by lower index), ascending: (k,) int64
+    (k known on the host: a pinned operating point; ``top_k_ascending``, no sort). Compiled with
+    torch.compile by the policy when the backend is compiled."""
+    return top_k_ascending(piece.keep_probability(entropy, phi_r), k)
 
 
-__all__ = ["TokenKeepPiece", "ascending_first", "descending_order", "select_kept"]
+__all__ = ["TokenKeepPiece", "ascending_first", "descending_order", "select_kept", "top_k_ascending"]

@@ -8,6 +8,7 @@ float32 plain eager image. JSON + Markdown are rewritten after every row; a vari
 gets a row saying so.
 
     python bench/vae_decode.py --budget 150 --candidate-timeout 60 --out bench/results
+    python bench/vae_decode.py --candidate-timeout 150 --variants "bfloat16 subpixel compiled,bfloat16 subpixel channels-last compiled"
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, environment, time_fn, write_results
 
-from toprovar.benchmark.vae_variants import REFERENCE, Variant, prepare, variants
+from toprovar.benchmark.vae_variants import REFERENCE, Variant, pick, prepare
 from toprovar.model.vae import build_decoder
 
 
@@ -56,12 +57,19 @@ def main() -> None:
     ap.add_argument("--candidate-timeout", type=float, default=120.0, help="seconds per variant (subprocess)")
     ap.add_argument("--out", default=str(RESULTS), help="output directory of vae_decode.{json,md}")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variant labels to run (the float32 plain reference always runs first); "
+                         "default: all, most informative first")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: JSON variant, image path
     args = ap.parse_args()
     if args.one:
         spec = json.loads(args.one)
         print(json.dumps(run_one(args.vae, Variant(**spec["variant"]), args.runs, spec["image"], args.device, args.latent)))
         return
+    try:
+        chosen = pick(args.variants)
+    except ValueError as exc:
+        sys.exit(f"bench/vae_decode.py: {exc}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/vae_decode.py: --device cuda: CUDA is not available")
     out, t_end = Path(args.out), time.monotonic() + args.budget
@@ -69,7 +77,7 @@ def main() -> None:
                "candidate_timeout_s": args.candidate_timeout, "environment": environment(args.device)}
     rows, ref = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for i, v in enumerate(variants()):
+        for i, v in enumerate(chosen):
             left = min(args.candidate_timeout, t_end - time.monotonic())
             row = {"variant": v.label, **v.as_dict(), "median ms": float("nan"), "first call s": float("nan"),
                    "max abs diff vs fp32": float("nan"), "status": "ok"}

@@ -77,3 +77,14 @@ def test_benchmark_variants_decode_the_same_image():
             out = fn(conv(z))
             assert out.dtype == getattr(torch, v.dtype)
             assert (out.double() - ref).abs().max().item() < tol[v.dtype], v.label
+
+
+def test_variant_selection_by_label():
+    """bench/vae_decode.py --variants: the named variants in the given order after the float32 reference; an
+    unknown label names the flag and the choices."""
+    from toprovar.benchmark.vae_variants import REFERENCE, Variant, pick, variants
+    assert pick(None) == variants() and len(variants()) == 24
+    got = pick("bfloat16 subpixel channels-last compiled, bfloat16 subpixel compiled,float32 plain")
+    assert got == [REFERENCE, Variant("bfloat16", True, True, True), Variant("bfloat16", True, False, True)]
+    with pytest.raises(ValueError, match=r"^--variants: 'bf16 fast' is not a variant; choose from float32 plain, "):
+        pick("bf16 fast")

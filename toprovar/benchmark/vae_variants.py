@@ -44,6 +44,22 @@ def variants() -> list[Variant]:
     return first + [v for v in rest if v not in first]
 
 
+def pick(labels: str | None) -> list[Variant]:
+    """``variants()`` in order, or those named in ``labels`` (comma-separated ``Variant.label``s, e.g.
+    "bfloat16 subpixel compiled,bfloat16 subpixel channels-last compiled"), the reference first (the other
+    variants are compared with it). ValueError naming --variants for an unknown label."""
+    every = variants()
+    if not labels:
+        return every
+    by_label = {v.label: v for v in every}
+    wanted = [w.strip() for w in labels.split(",") if w.strip()]
+    bad = [w for w in wanted if w not in by_label]
+    if bad or not wanted:
+        raise ValueError(f"--variants: {bad[0] if bad else labels!r} is not a variant; choose from "
+                         f"{', '.join(by_label)}")
+    return [REFERENCE] + [by_label[w] for w in dict.fromkeys(wanted) if by_label[w] != REFERENCE]
+
+
 def prepare(dec: BSQDecoder, v: Variant, device: torch.device):
     """``dec`` (float32, any layout) set to variant ``v`` on ``device`` -> (callable latent -> image, input
     converter). Re-arranges the subpixel weights in float32 before the cast, as ``load_parts``."""

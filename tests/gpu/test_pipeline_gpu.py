@@ -69,17 +69,20 @@ def test_reading_policy_is_not_graphed():
     assert not next(iter(pipe._orchestrators.values())).graphs._plans
 
 
-def test_compiled_scale_graphs_match_compiled_eager():
-    """torch.compile'd blocks and decoder: scale-graph replays give the bits of the same compiled pieces
-    run eagerly (same kernels), bf16."""
+@pytest.mark.parametrize("name", ["none", "toprovar", "fastvar"])
+def test_compiled_scale_graphs_match_compiled_eager(name):
+    """torch.compile'd blocks and decoder (and the pinned selection, FastVAR's compiled per-sub-layer blocks):
+    scale-graph replays give the bits of the same compiled pieces run eagerly (same kernels), bf16."""
+    from toprovar.benchmark.e2e import build_policy
     pipe = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=7)
     eager = Pipeline.load("tiny", device="cuda", dtype=torch.bfloat16, seed=7)
     pipe.compile = eager.compile = True
     eager.cuda_graphs = False
     prompts = ["two green triangles"]
-    ref = eager.generate(prompts, seed=2, progress=False)
+    policy = lambda: build_policy(name, pipe.cfg.depth, None, 7)  # noqa: E731
+    ref = eager.generate(prompts, seed=2, policy=policy(), progress=False)
     for _ in range(3):
-        got = pipe.generate(prompts, seed=2, progress=False)
+        got = pipe.generate(prompts, seed=2, policy=policy(), progress=False)
         for a, b in zip(ref.bits, got.bits):
             assert torch.equal(a, b)
         torch.testing.assert_close(got.images, ref.images, atol=0, rtol=0)

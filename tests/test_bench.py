@@ -214,3 +214,23 @@ def test_time_paired_resolves_a_difference():
     assert res["a"]["runs"] == res["b"]["runs"] == res["diff"]["runs"] == 6
     assert 6.0 < res["diff"]["median_ms"] < 20.0
     assert res["diff"]["min_ms"] <= res["diff"]["median_ms"] <= res["diff"]["max_ms"]
+
+
+def test_small_mm_shapes_are_the_blocks_per_scale_products(monkeypatch):
+    """bench/small_mm.py times one scale's block products: the shapes it takes from the config are the real
+    block's Linear weights in forward order, the text K/V projection (once per generation) left out."""
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench")] + list(sys.path))
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    spec = importlib.util.spec_from_file_location("bench_small_mm", ROOT / "bench" / "small_mm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from toprovar.config import get_config
+    from toprovar.model.infinity import build_model
+    block = build_model(get_config("tiny"), seed=0).blocks[0]
+    linears = {n: m.weight.shape for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    shapes = mod.block_shapes("tiny")
+    assert [s[0] for s in shapes] == [n for n in linears if n != "ca.mat_kv"]
+    assert all(tuple(linears[n]) == (N, K) for n, N, K in shapes)
+    C = get_config("infinity-2b").width
+    assert sum(N * K for _, N, K in mod.block_shapes("infinity-2b")) == 14 * C * C
+    sys.modules.pop("common", None)

@@ -151,8 +151,13 @@ def test_train_small_stages_apart(tmp_path, capsys):
     tok, full = tmp_path / "tok", tmp_path / "full"
     common = ["--model", "tiny", "--device", "cpu", "--images", "32", "--batch", "2", "--eval-prompts", "4",
               "--log-every", "1"]
-    assert mod.main(common + ["--tokenizer-only", "--tokenizer-steps", "2", "--out", str(tok)]) == 0
+    assert mod.main(common + ["--tokenizer-only", "--tokenizer-steps", "16", "--tokenizer-layout", "probe",
+                              "--out", str(tok)]) == 0
     assert sorted(f.name for f in tok.iterdir()) == ["train_config.json", "train_log.jsonl", "vae.safetensors"]
+    log = [json.loads(line) for line in (tok / "train_log.jsonl").read_text().splitlines()]
+    probe = [r["layout_probe"] for r in log if "layout_probe" in r]  # steps 3-7 vs 9-13, the faster kept
+    assert len(probe) == 1 and probe[0]["chosen"] in ("contiguous", "channels-last")
+    assert probe[0]["contiguous_s_per_step"] > 0 and probe[0]["channels_last_s_per_step"] > 0
     summary = json.loads((tok / "train_config.json").read_text())
     assert summary["stage"] == "tokenizer only" and summary["checker_ground_truth"] == 1.0
     assert 0 <= summary["checker_tokenizer_reconstruction"]["overall"] <= 1 and summary["reconstruction_psnr_db"] > 0

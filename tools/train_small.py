@@ -87,8 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-only", action="store_true",
                    help="stage 1 only: train, save and evaluate the tokenizer (no transformer)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="a trained tokenizer's directory (its vae.safetensors): stage 1 skipped, the transformer "
-                        "trained from scratch on it")
+                   help="a trained tokenizer's directory (its vae.safetensors): with --tokenizer-only it is trained "
+                        "further; otherwise stage 1 is skipped and the transformer trains from scratch on it")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored by the checker at the end")
     p.add_argument("--log-every", type=int, default=100)

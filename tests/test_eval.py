@@ -93,7 +93,9 @@ def test_render_antialiased_on_background(data):
     o = scenes[i].objects[0]
     assert tuple(images[i, round(o.cy), round(o.cx)]) in {(220, 40, 40), (40, 170, 60), (40, 80, 220),
                                                           (235, 195, 35), (150, 60, 190)}, f"seed {seed}"
-    n_colours = len(np.unique(images[i].reshape(-1, 3), axis=0))
+    # curved and slanted edges are antialiased (an axis-aligned square can land on whole pixels: two colours)
+    j = next(k for k, s in enumerate(scenes) if s.spec.category == "single" and s.objects[0].kind != "square")
+    n_colours = len(np.unique(images[j].reshape(-1, 3), axis=0))
     assert n_colours > 2, f"seed {seed}: no antialiased edge pixels"
 
 

@@ -234,3 +234,19 @@ def test_small_mm_shapes_are_the_blocks_per_scale_products(monkeypatch):
     C = get_config("infinity-2b").width
     assert sum(N * K for _, N, K in mod.block_shapes("infinity-2b")) == 14 * C * C
     sys.modules.pop("common", None)
+
+
+def test_checker_sharpness_script(tmp_path, monkeypatch):
+    """bench/checker_sharpness.py on a few scenes: the clean ground truth scores 1.0, degraded copies have a
+    finite PSNR, JSON and Markdown are written."""
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench")] + list(sys.path))
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    spec = importlib.util.spec_from_file_location("bench_checker_sharpness", ROOT / "bench" / "checker_sharpness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--images", "5", "--seed", str(int(torch.randint(0, 2**31 - 1, ()))), "--blur", "1.0",
+                     "--noise", "10", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "checker_sharpness.json").read_text())["rows"]
+    assert [r["degradation"] for r in rows] == ["clean", "blur", "noise"] and rows[0]["checker overall"] == 1.0
+    assert all(20 < r["PSNR dB"] < 60 for r in rows[1:]) and (tmp_path / "checker_sharpness.md").is_file()
+    sys.modules.pop("common", None)

@@ -17,27 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
+import shutil
 import sys
 from pathlib import Path
 
-CHUNK = 1 << 20
-
-
-def sha256(path: Path, start: int = 0, size: int | None = None) -> str:
-    """sha256 hex of ``size`` bytes of ``path`` from ``start`` (to the end when None)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = size
-        while left is None or left > 0:
-            block = f.read(CHUNK if left is None else min(CHUNK, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h.hexdigest()
+from toprovar.export.manifest import sha256_file
+from toprovar.outputs import atomic_write
 
 
 def parse_parts(text: str, count: int) -> list[int]:
@@ -66,17 +51,18 @@ def split(src: Path, out_dir: Path, size_mib: float, parts: str) -> list[Path]:
         raise ValueError(f"--size-mib: must be > 0, got {size_mib}")
     total = src.stat().st_size
     count = max(1, -(-total // part_size))
-    chosen = parse_parts(parts, count)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"name": src.name, "bytes": total, "sha256": sha256(src), "part_bytes": part_size,
-            "parts": [{"file": f"{src.name}.part{i:03d}", "bytes": min(part_size, total - i * part_size),
-                       "sha256": sha256(src, i * part_size, part_size)} for i in range(count)]}
+    chosen = set(parse_parts(parts, count))
+    meta = {"name": src.name, "bytes": total, "sha256": sha256_file(src), "part_bytes": part_size, "parts": []}
     written = []
     with open(src, "rb") as f:
-        for i in chosen:
-            f.seek(i * part_size)
-            written.append(_atomic(out_dir / meta["parts"][i]["file"], f.read(part_size)))
-    written.append(_atomic(out_dir / f"{src.name}.parts.json", json.dumps(meta, indent=1).encode()))
+        for i in range(count):  # every part's hash goes into the JSON; the chosen ones are written
+            data = f.read(part_size)
+            name = f"{src.name}.part{i:03d}"
+            meta["parts"].append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            if i in chosen:
+                written.append(atomic_write(out_dir / name, lambda tmp, d=data: Path(tmp).write_bytes(d), "out_dir"))
+    written.append(atomic_write(out_dir / f"{src.name}.parts.json",
+                                lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)), "out_dir"))
     return written
 
 
@@ -90,31 +76,17 @@ def join(parts_dir: Path, name: str, out: Path) -> Path:
         path = parts_dir / p["file"]
         if not path.is_file():
             raise ValueError(f"join: {path} is missing ({len(meta['parts'])} parts in {meta_path.name})")
-        if path.stat().st_size != p["bytes"] or sha256(path) != p["sha256"]:
+        if path.stat().st_size != p["bytes"] or sha256_file(path) != p["sha256"]:
             raise ValueError(f"join: {path} does not match {meta_path.name} (size or sha256)")
-    if out.exists() and not out.is_file():
-        raise ValueError(f"-o: {out} exists and is not a regular file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             for p in meta["parts"]:
-                f.write((parts_dir / p["file"]).read_bytes())
-        if sha256(tmp) != meta["sha256"]:
+                with open(parts_dir / p["file"], "rb") as part:
+                    shutil.copyfileobj(part, f)
+        if sha256_file(tmp) != meta["sha256"]:
             raise ValueError(f"join: the joined {name} does not match the sha256 in {meta_path.name}")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def _atomic(path: Path, data: bytes) -> Path:
-    if path.exists() and not path.is_file():
-        raise ValueError(f"split: {path} exists and is not a regular file")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return atomic_write(out, write, "-o")
 
 
 def main(argv=None) -> int:

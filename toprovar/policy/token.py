@@ -94,7 +94,7 @@ def top_k_ascending(p: torch.Tensor, k: int) -> torch.Tensor:
     above, tie = p > v, p == v
     chosen = above | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= k - above.sum()))
     slot = torch.where(chosen, torch.cumsum(chosen.to(torch.int64), 0) - 1, k)  # unchosen: a spare slot k
-    idx = torch.ones_like(slot).cumsum(0) - 1
+    idx = torch.arange(n, device=p.device)
     return torch.zeros(k + 1, dtype=torch.int64, device=p.device).scatter_(0, slot, idx)[:k]
 
 

@@ -67,11 +67,12 @@ def test_failing_row_fails_alone_and_policies_run_apart(model):
         assert isinstance(out[i], np.ndarray) and out[i].dtype == np.uint8 and out[i].shape == (side, side, 3), i
 
 
-def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatch):
-    """With batch buckets, a batch of a static (graphable) policy runs padded to the next bucket with copies of
-    its last row and its text features padded to a length bucket, and each request still gets the image it gets
-    alone (tiny model, CPU float32, bit for bit); a policy whose decisions read device values (adaptive
-    ToProVAR: rows share D and kept counts) is never padded."""
+def test_buckets_split_and_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatch):
+    """With batch buckets, a batch of a static (graphable) policy runs as bucket-sized pieces (the fewest padded
+    rows, then the fewest pieces), a piece padded to its bucket with copies of its last row and its text
+    features padded to a length bucket, and each request still gets the image it gets alone (tiny model, CPU
+    float32, bit for bit); a policy whose decisions read device values (adaptive ToProVAR: rows share D and kept
+    counts) is never split or padded."""
     from toprovar.serving.service import default_buckets, parse_buckets
     assert default_buckets(16) == [1, 2, 4, 8, 16] and default_buckets(6) == [1, 2, 4, 6] and default_buckets(1) == [1]
     assert parse_buckets("auto", 8) == "auto" and parse_buckets("off", 8) is None
@@ -87,18 +88,22 @@ def test_buckets_pad_graphed_policies_and_keep_each_rows_image(model, monkeypatc
                         lambda text, lengths, *a, **kw: shapes.append(tuple(text.shape[:2])) or real(text, lengths,
                                                                                                         *a, **kw))
     svc = ImageService(model, "none", max_batch=4, batch_buckets=[1, 2, 4])
+    assert [svc.split(n, "none") for n in range(1, 5)] == [[1], [2], [2, 1], [4]]
+    assert svc.split(3, "toprovar") is None
     alone = ImageService(model, "none")
     seed = int.from_bytes(os.urandom(3), "little")
     prompts = ["a red fox", "a yellow circle beside a tall tree", "a blue square"]  # 10, 35, 14 tokens
-    for policy, padded in [("none", (4, 64)), ("toprovar-pinned", (4, 64)), ("fastvar", (4, 64)),
-                           ("toprovar", (3, 35))]:
+    split, padded = [(2, 64), (1, 64)], [(4, 64)]
+    for policy, buckets, generated in [("none", [1, 2, 4], split), ("toprovar-pinned", [1, 2, 4], split),
+                                       ("fastvar", [1, 2, 4], split), ("none", [2, 4], padded),
+                                       ("toprovar", [1, 2, 4], [(3, 35)])]:
         rows = [Row(p, seed + i, 3.0 - i / 2, policy) for i, p in enumerate(prompts)]
         shapes.clear()
-        out = svc.run(rows)
-        assert shapes == [padded], (policy, shapes)
-        assert svc.pad_to(3, policy) == (4 if padded[0] == 4 else None)
-        # padded: each row as it is alone; not padded (its rows share decisions): as the unbucketed batch
-        expect = [alone.run([r])[0] for r in rows] if padded[0] == 4 else ImageService(model, "none", 4).run(rows)
+        out = ImageService(model, "none", max_batch=4, batch_buckets=buckets).run(rows)
+        assert shapes == generated, (policy, buckets, shapes)
+        # bucketed: each row as it is alone; not bucketed (its rows share decisions): as the unbucketed batch
+        expect = ([alone.run([r])[0] for r in rows] if generated[0][1] == 64
+                  else ImageService(model, "none", 4).run(rows))
         for r, img, ref in zip(rows, out, expect):
             assert np.array_equal(img, ref), (policy, r)
 

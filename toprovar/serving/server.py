@@ -94,7 +94,7 @@ def model_config(max_batch: int, queue_delay_us: int, groups: list[dict]) -> str
     """config.pbtxt of the model ``toprovar``. No ``preferred_batch_size``: Triton sends a batch of a preferred
     size the moment one can be formed, so with sizes 2, 4, 8, 16 the first two of sixteen requests arriving
     together would run as a batch of 2. Without them the batcher waits up to the queue delay for a full batch
-    (the instances pad batches to their buckets themselves, ``ImageService.pad_to``)."""
+    (the instances split batches into their buckets themselves, ``ImageService.split``)."""
     return f"""name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -168,7 +168,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-delay-ms", type=float, default=5.0,
                    help="how long the dynamic batcher waits to fill a batch")
     p.add_argument("--batch-buckets", default="auto", metavar="auto|off|SIZES",
-                   help="pad batches of graphed policies up to these sizes (e.g. 1,2,4,8); auto: powers of two up "
+                   help="run batches of graphed policies as pieces of these sizes, padding the fewest rows (e.g. "
+                        "1,2,4,8); auto: powers of two up "
                         "to --max-batch on GPU instances of a pipeline model (one CUDA-graph plan per size), off "
                         "elsewhere")
     p.add_argument("--warmup", default="auto", metavar="auto|off|POLICIES",

@@ -171,14 +171,18 @@ def test_one_command_gpu_run_smoke_on_cpu(tmp_path):
 
 
 def test_gpu_run_tokenizer_alone_then_transformer_on_it(tmp_path):
-    """tools/train_scenes_gpu.py --tokenizer-only returns the tokenizer file; --train-only --tokenizer DIR
-    trains a transformer on that file (tiny model, CPU)."""
+    """tools/train_scenes_gpu.py --tokenizer-only returns the tokenizer file in verified parts (the device returns
+    files of at most 16 MiB); joined, --train-only --tokenizer DIR trains a transformer on it (tiny model, CPU)."""
     mod = _load("train_scenes_gpu", "tools/train_scenes_gpu.py")
     common = ["--model", "tiny", "--device", "cpu", "--smoke", "--images", "32", "--batch", "2", "--tokenizer-batch",
               "2", "--eval-prompts", "4", "--workers", "1", "--budget-s", "30"]
     tok = tmp_path / "tok"
     assert mod.main(common + ["--tokenizer-only", "--work", str(tmp_path / "w1"), "--out", str(tok)]) == 0
-    assert sorted(p.name for p in tok.iterdir()) == ["train_config.json", "train_log.jsonl", "vae.safetensors"]
+    assert sorted(p.name for p in tok.iterdir()) == ["train_config.json", "train_log.jsonl",
+                                                     "vae.safetensors.part000", "vae.safetensors.parts.json"]
+    parts = _load("carry_parts", "tools/carry_parts.py")
+    parts.join(tok, "vae.safetensors", tok / "vae.safetensors")
+    assert (tok / "vae.safetensors").read_bytes() == (tmp_path / "w1" / "vae.safetensors").read_bytes()
     out, work = tmp_path / "out", tmp_path / "w2"
     assert mod.main(common + ["--train-only", "--tokenizer", str(tok), "--work", str(work), "--out", str(out)]) == 0
     assert (work / "vae.safetensors").read_bytes() == (tok / "vae.safetensors").read_bytes()

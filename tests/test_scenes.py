@@ -142,6 +142,10 @@ def test_checker_robust_to_blur_and_noise(data):
     noisy = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     r = sc.evaluate(noisy, [s.spec for s in scenes[sub]])
     assert r["overall"] >= 0.85, f"seed {seed}: {r['per_category']} {r['per_attribute']}"
+    # a tokenizer's soft edges: blur of sigma 2 px (~32 dB) must not turn solid objects into textured ones
+    blurred = np.clip(np.rint(ndimage.gaussian_filter(images[sub].astype(np.float64), (0, 2, 2, 0))), 0, 255)
+    r = sc.evaluate(blurred.astype(np.uint8), [s.spec for s in scenes[sub]])
+    assert r["per_attribute"]["texture"] >= 0.9, f"seed {seed}: {r['per_category']} {r['per_attribute']}"
 
 
 def test_score_sub_checks_by_hand(data):

@@ -21,8 +21,9 @@ generated below). The Markdown table is rebuilt from quality_scenes.json with
         --resume runs/scenes --out $OUT                              # repeat while device time lasts
     python tools/train_scenes_gpu.py --measure-only --budget-s 540 --prompts 200 --grid full \
         --calib-prompts 64 --out $OUT
-    # the tokenizer alone (its vae.safetensors, 13 MB, comes back in $OUT), and later the transformer on it:
-    python tools/train_scenes_gpu.py --tokenizer-only --budget-s 480 --tokenizer-batch 64 --out $OUT
+    # the tokenizer alone (its vae.safetensors, 26.6 MB of float32, comes back in $OUT as parts:
+    # tools/carry_parts.py join DIR vae.safetensors -o .carry/scenes_tokenizer/vae.safetensors), then the transformer:
+    python tools/train_scenes_gpu.py --tokenizer-only --budget-s 420 --tokenizer-batch 32 --out $OUT
     python tools/train_scenes_gpu.py --train-only --tokenizer .carry/scenes_tokenizer --budget-s 540 --compile \
         --out $OUT
 """
@@ -79,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-only", action="store_true", help="stage 1 only (the whole budget trains)")
     g.add_argument("--measure-only", action="store_true", help="stages 2-4 on the weights in --work")
     g.add_argument("--tokenizer-only", action="store_true",
-                   help="the tokenizer alone (the whole budget but its evaluation); vae.safetensors comes back")
+                   help="the tokenizer alone (the whole budget but its evaluation); vae.safetensors comes back in "
+                        "parts (tools/carry_parts.py join)")
     return p.parse_args(argv)
 
 
@@ -134,8 +136,10 @@ def main(argv=None) -> int:
     if not args.measure_only:
         print(f"[{time.perf_counter() - t0:.0f} s] training: {' '.join(targs)}", flush=True)
         train_small.main(targs)
-    for name in ("train_config.json", "train_log.jsonl") + (("vae.safetensors",) if args.tokenizer_only else ()):
+    for name in ("train_config.json", "train_log.jsonl"):
         shutil.copy(work / name, out / name)
+    if args.tokenizer_only:  # larger than one returned file (16 MiB): in verified parts
+        _load("carry_parts", ROOT / "tools" / "carry_parts.py").split(work / "vae.safetensors", out, 15.0, "all")
     if args.train_only or args.tokenizer_only:
         return 0
 

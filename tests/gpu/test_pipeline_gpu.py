@@ -144,18 +144,3 @@ def test_plans_sharing_one_graph_pool_match_eager_when_interleaved():
     plans = list(orch.graphs._plans.values())
     assert len(plans) == len(cases) and not any(p.capturing for p in plans)
     assert len({p.pool for p in plans}) == 1
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_top_k_ascending_matches_the_stable_sort_on_cuda(compiled):
-    """The pinned operating point's selection (kthvalue, running counts, scatter) on CUDA, eager and compiled,
-    equals the stable descending sort's first k, sorted, with many ties."""
-    from toprovar.policy.token import ascending_first, top_k_ascending
-    fn = torch.compile(top_k_ascending, dynamic=True) if compiled else top_k_ascending
-    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-    for n in (1, 64, 1024, 4096):
-        for p in (torch.rand(n, device="cuda", generator=g),
-                  (torch.rand(n, device="cuda", generator=g) * 4).floor() / 3):
-            order = torch.sort(p, descending=True, stable=True).indices
-            for k in sorted({1, n // 3, n // 2, n} - {0}):
-                assert torch.equal(fn(p, k), ascending_first(order, k)), (n, k)

@@ -21,6 +21,9 @@ from .scenes import CATEGORIES, COLORS, DEPTHS, KINDS, PALETTE, Spec, relation_o
 FG_CHROMA = 28.0   # chroma (RGB distance from the grey axis) above which a pixel belongs to an object
 MIN_AREA = 150     # px: smaller components are noise
 SOLID_STD = 0.05   # texture: brightness std below this is solid
+TEXTURE_DEPTH = 4.5  # px: the texture is read this far inside an object (``_interior``)
+DEEP_SHARE = 0.5     # ... unless that leaves less than this share of the pixels 2 px inside
+RAMP_SPAN = 0.2      # a fitted shade ramp falling more than this over the object's side is a gradient (0.45 drawn)
 CHECK_EXPLAINED = 0.5  # rows or columns explain less than this share of the brightness variance: checkered
 RAMP_CORR = 0.9    # |correlation| of the dominant profile with position above this: gradient, else striped
 MIN_OVERLAP = 20   # px: occlusion needs the two fitted templates to overlap by at least this
@@ -82,11 +85,18 @@ def _fit_kind(mask: np.ndarray, dont_care: np.ndarray) -> tuple[str, float, floa
     return best
 
 
-def _texture(shade: np.ndarray, inner: np.ndarray) -> str:
-    """solid / checkered / gradient / striped from the shade (h, w) over the interior mask ``inner``."""
+def _texture(shade: np.ndarray, inner: np.ndarray, side: float) -> str:
+    """solid / checkered / gradient / striped from the shade (h, w) over the interior mask ``inner`` of an
+    object of fitted ``side`` (px)."""
     v = shade[inner]
-    if v.size < 30 or v.std() < SOLID_STD:
+    if v.size < 30:
         return "solid"
+    if v.std() < SOLID_STD:
+        # little variation, but a part of a gradient (an occluded object) still falls by 1 - DARK per side
+        ys, xs = np.nonzero(inner)
+        a = np.stack([xs, ys, np.ones_like(xs)], 1).astype(np.float64)
+        gx, gy, _ = np.linalg.lstsq(a, v.astype(np.float64), rcond=None)[0]
+        return "gradient" if np.hypot(gx, gy) * side > RAMP_SPAN else "solid"
     total = ((v - v.mean()) ** 2).sum()
     cnt_r, cnt_c = inner.sum(1), inner.sum(0)
     s = np.where(inner, shade, 0)
@@ -103,11 +113,20 @@ def _texture(shade: np.ndarray, inner: np.ndarray) -> str:
     return "gradient" if abs(corr) > RAMP_CORR else "striped"
 
 
+def _interior(mask: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Where the texture is read: pixels of ``mask`` more than TEXTURE_DEPTH px inside it and TEXTURE_DEPTH + 2 px
+    from pixels of other colours ``others`` (both (h, w) bool). A softened edge (a tokenizer's reconstruction,
+    blur of sigma 2 px) dims the chroma a few px inside the object, and a 2 px interior read that rim as a
+    texture (``bench/results/checker_sharpness.md``)."""
+    return ((ndimage.distance_transform_edt(mask) > TEXTURE_DEPTH)
+            & (ndimage.distance_transform_edt(~others) > TEXTURE_DEPTH + 2))
+
+
 def detect(image: np.ndarray) -> list[Detection]:
     """Objects of an (H, W, 3) uint8 RGB image: per colour of ``segment`` the mask is opened with a 3x3
     square, split into 8-connected components of >= MIN_AREA px (scaled with the image area from 256x256);
     each gets the best template (``_fit_kind``; pixels of other colours, grown by 2 px, are don't-care) and
-    the texture of its interior (the component eroded by 2 px, away from other colours)."""
+    the texture of its interior (``_interior``)."""
     labels, shade = segment(image)
     H, W = labels.shape
     min_area = MIN_AREA * H * W / 256 ** 2
@@ -130,11 +149,14 @@ def detect(image: np.ndarray) -> list[Detection]:
             mask = opened | (ndimage.binary_dilation(opened, _SQ3) & (labels[y0:y1, x0:x1] == ci))
             other = ndimage.binary_dilation(fg[y0:y1, x0:x1] & (labels[y0:y1, x0:x1] != ci), _SQ5)
             kind, cx, cy, side, iou = _fit_kind(mask, other & ~mask)
-            inner = ndimage.binary_erosion(mask, _SQ5) & ~other
+            inner = ndimage.binary_erosion(mask, _SQ5) & ~other  # 2 px inside
+            deep = _interior(mask, fg[y0:y1, x0:x1] & (labels[y0:y1, x0:x1] != ci))
+            if deep.sum() >= max(30, DEEP_SHARE * inner.sum()):  # else a small or mostly hidden object
+                inner = deep
             # 3x3 mean of the shade over the interior: pixel noise averages out, 8 px bands and 12 px cells stay
             w = ndimage.uniform_filter(inner.astype(np.float32), 3)
             sm = ndimage.uniform_filter(np.where(inner, shade[y0:y1, x0:x1], 0), 3) / np.maximum(w, 1e-6)
-            found.append(Detection(COLORS[ci], kind, _texture(sm, inner), x0 + cx, y0 + cy, side, area, iou))
+            found.append(Detection(COLORS[ci], kind, _texture(sm, inner, side), x0 + cx, y0 + cy, side, area, iou))
     return found
 
 

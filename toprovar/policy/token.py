@@ -81,28 +81,12 @@ def ascending_first(order: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nonzero_static(chosen, size=k).squeeze(1)
 
 
-def top_k_ascending(p: torch.Tensor, k: int) -> torch.Tensor:
-    """The first k of ``p`` (n,)'s descending order with equal values by ascending index (the stable sort's
-    order, ``TokenKeepPiece``'s ``order``), themselves ascending: (k,) int64, 1 <= k <= n.
-
-    Without sorting n values: v = the k-th largest (``kthvalue``, one selection); every value above v is
-    chosen, and of those equal to v the first k - #(p > v) by index; a running count places each chosen
-    index at its rank.
-    """
-    n = p.shape[-1]
-    v = torch.kthvalue(p, n - k + 1).values
-    above, tie = p > v, p == v
-    chosen = above | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= k - above.sum()))
-    slot = torch.where(chosen, torch.cumsum(chosen.to(torch.int64), 0) - 1, k)  # unchosen: a spare slot k
-    idx = torch.arange(n, device=p.device)
-    return torch.zeros(k + 1, dtype=torch.int64, device=p.device).scatter_(0, slot, idx)[:k]
-
-
 def select_kept(piece: TokenKeepPiece, entropy: torch.Tensor, phi_r: torch.Tensor, k: int) -> torch.Tensor:
-    """The k tokens with the largest P_keep (``piece``'s order, ties by lower index), ascending: (k,) int64
-    (k known on the host: a pinned operating point; ``top_k_ascending``, no sort). Compiled with
-    torch.compile by the policy when the backend is compiled."""
-    return top_k_ascending(piece.keep_probability(entropy, phi_r), k)
+    """The k tokens with the largest P_keep (``piece``'s order), ascending: (k,) int64 (k known on the host:
+    a pinned operating point). Compiled with torch.compile by the policy when the backend is compiled.
+    (A selection without the sort, kthvalue plus running counts, measured slower under whole-scale graphs on
+    the H200: bench/results/e2e_notes.md.)"""
+    return ascending_first(piece(entropy, phi_r)[2], k)
 
 
-__all__ = ["TokenKeepPiece", "ascending_first", "descending_order", "select_kept", "top_k_ascending"]
+__all__ = ["TokenKeepPiece", "ascending_first", "descending_order", "select_kept"]

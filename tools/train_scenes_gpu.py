@@ -21,7 +21,7 @@ generated below). The Markdown table is rebuilt from quality_scenes.json with
         --resume runs/scenes --out $OUT                              # repeat while device time lasts
     python tools/train_scenes_gpu.py --measure-only --budget-s 540 --prompts 200 --grid full \
         --calib-prompts 64 --out $OUT
-    # the tokenizer alone (its vae.safetensors, 26.6 MB of float32, comes back in $OUT as parts:
+    # the tokenizer alone (its vae.safetensors, 26.6 MB in bfloat16, comes back in $OUT as parts:
     # tools/carry_parts.py join DIR vae.safetensors -o .carry/scenes_tokenizer/vae.safetensors), then the transformer:
     python tools/train_scenes_gpu.py --tokenizer-only --budget-s 420 --tokenizer-batch 32 --out $OUT
     python tools/train_scenes_gpu.py --train-only --tokenizer .carry/scenes_tokenizer --budget-s 540 --compile \

@@ -177,6 +177,42 @@ def test_train_small_stages_apart(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_train_small_resume_continues_the_same_schedule(tmp_path):
+    """A transformer schedule of 6 steps trained as 4 steps, then --resume for the rest, ends with the same
+    float32 weights, EMA and optimizer state, bit for bit, as 6 steps in one call (tiny model, CPU, one saved
+    tokenizer for both); the resumed call logs where it continued."""
+    spec = importlib.util.spec_from_file_location("train_small", ROOT / "tools" / "train_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seed = str(int(np.random.SeedSequence().entropy % 1000))
+    common = ["--model", "tiny", "--device", "cpu", "--images", "32", "--batch", "2", "--eval-prompts", "4",
+              "--log-every", "1", "--seed", seed, "--warmup", "2"]
+    tok, whole, part = tmp_path / "tok", tmp_path / "whole", tmp_path / "part"
+    assert mod.main(common + ["--tokenizer-only", "--tokenizer-steps", "2", "--out", str(tok)]) == 0
+    assert mod.main(common + ["--tokenizer", str(tok), "--steps", "6", "--out", str(whole)]) == 0
+    assert mod.main(common + ["--tokenizer", str(tok), "--steps", "6", "--stop-after", "4", "--out", str(part)]) == 0
+    first = torch.load(part / mod.STATE, weights_only=True)
+    assert (first["step"], first["total"]) == (4, 6)
+    assert mod.main(common + ["--resume", str(part), "--out", str(part)]) == 0
+    a, b = torch.load(whole / mod.STATE, weights_only=True), torch.load(part / mod.STATE, weights_only=True)
+    assert (a["step"], a["total"], b["step"], b["total"]) == (6, 6, 6, 6)
+    for key in ("model", "text", "ema_model", "ema_text"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (seed, key, name)
+    for i, st in a["opt"]["state"].items():
+        assert all(torch.equal(v, b["opt"]["state"][i][k]) for k, v in st.items()), (seed, i)
+    log = [json.loads(line) for line in (part / "train_log.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "transformer" and r.get("resumed_from") == str(part) and r["step"] == 4 for r in log)
+    assert json.loads((part / "train_config.json").read_text())["transformer_steps_done"] == 2
+    # --plan-seconds: the schedule's length from the plan (ample: --steps 80), this call's stop from its own
+    # budget (nearly none: the measuring steps, 71)
+    plan = tmp_path / "plan"
+    assert mod.main(common + ["--tokenizer", str(tok), "--steps", "80", "--plan-seconds", "1e6", "--minutes", "1e-6",
+                              "--log-every", "50", "--out", str(plan)]) == 0
+    state = torch.load(plan / mod.STATE, weights_only=True)
+    assert (state["step"], state["total"]) == (71, 80)
+
+
 def test_packaged_shapes_model_follows_prompts():
     """The committed model draws what single-object prompts ask for (held-out: 0.96; chance 0.006)."""
     from toprovar.eval.checker import evaluate

@@ -25,7 +25,9 @@ generated below). The Markdown table is rebuilt from quality_scenes.json with
     # tools/carry_parts.py join DIR vae.safetensors -o .carry/scenes_tokenizer/vae.safetensors), then the transformer:
     python tools/train_scenes_gpu.py --tokenizer-only --budget-s 420 --tokenizer-batch 32 --out $OUT
     python tools/train_scenes_gpu.py --train-only --tokenizer .carry/scenes_tokenizer --budget-s 540 --compile \
-        --out $OUT
+        --plan-seconds 900 --out $OUT                     # one schedule over two calls (a machine is held 30 min):
+    python tools/train_scenes_gpu.py --train-only --resume runs/scenes --budget-s 540 --compile --out $OUT
+    python tools/train_scenes_gpu.py --measure-only --budget-s 540 --out $OUT
 """
 from __future__ import annotations
 
@@ -64,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-frac", type=float, default=0.25, help="share of the training budget")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer step")
-    p.add_argument("--resume", default=None, help="a previous --work: tokenizer reused, transformer continued")
+    p.add_argument("--resume", default=None, help="a previous --work: tokenizer reused, transformer continued "
+                   "(its train_state.pt: the same schedule, optimizer and EMA)")
+    p.add_argument("--plan-seconds", type=float, default=None,
+                   help="the transformer's schedule spans this many training seconds over several --resume calls")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a trained tokenizer (DIR/vae.safetensors, e.g. from --tokenizer-only): the transformer "
                         "trains from scratch on it")
@@ -129,6 +134,8 @@ def main(argv=None) -> int:
         targs.append("--compile")
     if args.resume:
         targs += ["--resume", args.resume]
+    if args.plan_seconds is not None:
+        targs += ["--plan-seconds", str(args.plan_seconds)]
     if args.tokenizer:
         targs += ["--tokenizer", args.tokenizer]
     if args.tokenizer_only:

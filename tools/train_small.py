@@ -11,7 +11,9 @@ the measured step time.
 
 Writes to --out (default: the packaged weights directory, toprovar/weights/shapes): model.safetensors,
 vae.safetensors, text_encoder.safetensors (bfloat16; EMA weights), train_config.json (arguments, versions,
-steps, final losses, held-out checker accuracy) and train_log.jsonl (one line per logged step).
+steps, final losses, held-out checker accuracy), train_log.jsonl (one line per logged step) and
+train_state.pt (float32 weights, optimizer, EMA, step, schedule length and random streams: what --resume
+continues from; not a file to ship).
 
     python tools/train_small.py --device cuda
     python tools/train_small.py --device cpu --images 512 --tokenizer-steps 5 --steps 5 --out /tmp/smoke
@@ -20,6 +22,10 @@ steps, final losses, held-out checker accuracy) and train_log.jsonl (one line pe
     # the stages apart (a tokenizer trained in one device call, the transformer in a later one):
     python tools/train_small.py --model scenes --tokenizer-only --tokenizer-seconds 420 --out runs/scenes_tok
     python tools/train_small.py --model scenes --tokenizer runs/scenes_tok --minutes 8 --compile --out runs/scenes
+    # one schedule over several calls (each stops at its own budget, --resume continues it):
+    python tools/train_small.py --model scenes --tokenizer runs/scenes_tok --plan-seconds 1500 --minutes 8 \
+        --out runs/scenes
+    python tools/train_small.py --model scenes --resume runs/scenes --minutes 8 --out runs/scenes
 
 --tokenizer-only writes vae.safetensors, train_config.json (with the reconstructions' checker accuracy and
 PSNR on the held-out images) and train_log.jsonl; with --tokenizer DIR it continues DIR's tokenizer.
@@ -82,8 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="budget of data + tokenizer + transformer from the start of the run: the transformer "
                         "stage gets what is left of it when it starts (with --minutes: the smaller)")
     p.add_argument("--resume", default=None,
-                   help="a previous run's output directory: its tokenizer is reused (stage 1 skipped) and the "
-                        "transformer and text encoder start from its weights (fresh optimizer)")
+                   help="a previous run's output directory: its tokenizer is reused (stage 1 skipped); with its "
+                        "train_state.pt the transformer's training continues where it stopped (weights, optimizer, "
+                        "EMA, step, schedule, random streams), else it starts from its weights (fresh optimizer)")
+    p.add_argument("--plan-seconds", type=float, default=None,
+                   help="the transformer's schedule spans this many seconds of training over several calls: at step "
+                        "70 its length becomes min(--steps, what fits at the measured speed); each call stops at its "
+                        "own budget and --resume continues the same schedule")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="this call trains at most this many transformer steps (the schedule keeps its length)")
     p.add_argument("--tokenizer-only", action="store_true",
                    help="stage 1 only: train, save and evaluate the tokenizer (no transformer)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -240,15 +253,25 @@ def reconstruct(ae: BSQAutoencoder, images: torch.Tensor, schedule) -> torch.Ten
                       for i in range(0, len(images), 64)])
 
 
+STATE = "train_state.pt"  # the transformer's training state in a run's directory (not a shipped file)
+
+
 def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedule, log: Logger,
                       seconds: float | None = None):
     """Stage 2: the transformer and its text encoder, teacher-forced, within ``seconds`` when given; returns
-    their EMA copies and the steps done."""
+    their EMA copies, the steps done in this call and the training state to save (``STATE``)."""
     cfg = get_config(args.model)
     dev = torch.device(args.device)
+    torch.manual_seed(args.seed + 2)  # initialisation, CFG drop, dropout: the same run for the same seed
     model = init_for_training(build_model(cfg, seed=args.seed))
     text = tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=args.seed).encoder
-    if args.resume:
+    state = None
+    if args.resume and (Path(args.resume) / STATE).is_file():
+        state = torch.load(Path(args.resume) / STATE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        text.load_state_dict(state["text"])
+        log.log(stage="transformer", resumed_from=str(args.resume), step=state["step"], schedule_steps=state["total"])
+    elif args.resume:
         model.load_checkpoint(Path(args.resume) / "model.safetensors")
         load_into(text, Path(args.resume) / "text_encoder.safetensors")
     model, text = model.to(dev), text.to(dev).train().requires_grad_(True)
@@ -264,6 +287,16 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
     ropes = [r.to(dev) for r in rope_tables(cfg.head_dim, schedule, rope_grid_side(1.0))]
     counts = token_counts(schedule)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    start, total, planned = 0, args.steps, args.plan_seconds is not None
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        ema_model.load_state_dict(state["ema_model"])
+        ema_text.load_state_dict(state["ema_text"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["cpu_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
+        start, total, planned = state["step"], state["total"], True
     def forward(ids_b, m, drop, b_bits):
         """Teacher-forced loss of one batch (the text encoder runs here too: it is trained)."""
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -275,15 +308,26 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         return bitwise_loss(logits, bit_labels(b_bits), counts)
 
     step_fn = torch.compile(forward) if args.compile else forward
-    total, t_start, done, t_mark = args.steps, time.perf_counter(), 0, []
-    bar = tqdm(total=total, desc="transformer", unit="step")
-    step = 0
-    while step < total:
-        # steady-state speed over steps 20-70, after compilation
-        new_total = budget_steps(step, (20, 70), t_mark, t_start, seconds, args.steps)
-        if new_total is not None:
-            total = bar.total = new_total
-            log.log(stage="transformer", step=step, schedule_steps=total, reason=f"{seconds:.0f} s budget")
+    t_start, t_call, t_plan = time.perf_counter(), [], []
+    stop = min(total, start + args.stop_after) if args.stop_after is not None else total
+    bar = tqdm(total=stop, initial=start, desc="transformer", unit="step")
+    step = start
+    while step < stop:
+        # steady-state speed over this call's steps 20-70, after compilation
+        if state is None and args.plan_seconds is not None:
+            new_total = budget_steps(step - start, (20, 70), t_plan, t_start, args.plan_seconds, args.steps)
+            if new_total is not None:
+                total = new_total
+                stop = min(stop, total)
+                log.log(stage="transformer", step=step, schedule_steps=total,
+                        reason=f"--plan-seconds {args.plan_seconds:.0f}")
+        new_stop = budget_steps(step - start, (20, 70), t_call, t_start, seconds, stop - start)
+        if new_stop is not None:
+            stop = bar.total = min(stop, start + new_stop)
+            if not planned:
+                total = stop
+            log.log(stage="transformer", step=step, schedule_steps=total, stop_step=stop,
+                    reason=f"{seconds:.0f} s budget")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args.lr, args.warmup)
         idx = torch.randint(len(ids), (args.batch,), generator=gen).to(dev)
@@ -304,15 +348,19 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         opt.step()
         with torch.no_grad():  # EMA with warm-up: short runs are not dominated by the initial weights
             torch._foreach_lerp_(ema_params, params, 1 - min(args.ema, (1 + step) / (10 + step)))
-        done = step = step + 1
+        step += 1
         bar.update(1)
-        if (step - 1) % args.log_every == 0 or step == total:
+        if (step - 1) % args.log_every == 0 or step == stop:
             ps = [round(v, 4) for v in per_scale.tolist()]
             log.log(stage="transformer", step=step - 1, loss=round(loss.item(), 5), per_scale=ps,
                     lr=round(opt.param_groups[0]["lr"], 7))
             bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{ps[-1]:.3f}")
     bar.close()
-    return ema_model.eval().requires_grad_(False), ema_text.requires_grad_(False), done
+    state = {"step": step, "total": total, "model": model.state_dict(), "text": text.state_dict(),
+             "ema_model": ema_model.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
+             "data_rng": gen.get_state(), "cpu_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    return ema_model.eval().requires_grad_(False), ema_text.requires_grad_(False), step - start, state
 
 
 def versions() -> dict:
@@ -398,9 +446,11 @@ def main(argv=None) -> int:
     budgets = [60 * args.minutes] if args.minutes is not None else []
     if args.train_seconds is not None:
         budgets.append(args.train_seconds - (time.perf_counter() - t0))
-    model, text, steps_done = train_transformer(args, bits, prompts, schedule, log, min(budgets) if budgets else None)
+    model, text, steps_done, state = train_transformer(args, bits, prompts, schedule, log,
+                                                       min(budgets) if budgets else None)
 
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / STATE, lambda tmp: torch.save(state, tmp))
     save_state_dict(model, out / "model.safetensors", dtype=torch.bfloat16)
     save_state_dict(ae, out / "vae.safetensors", dtype=torch.bfloat16)
     save_state_dict(text, out / "text_encoder.safetensors", dtype=torch.bfloat16)
@@ -416,7 +466,8 @@ def main(argv=None) -> int:
         Path(given) / "train_config.json").is_file() else None
     summary = {
         "args": vars(args), "versions": versions(), "schedule": schedule, "resumed_from": previous,
-        "transformer_steps_done": steps_done, "train_seconds": round(time.perf_counter() - t0, 1),
+        "transformer_steps_done": steps_done, "transformer_step": state["step"],
+        "transformer_schedule_steps": state["total"], "train_seconds": round(time.perf_counter() - t0, 1),
         "final": next((r for r in reversed(log.lines) if r.get("stage") == "transformer" and "loss" in r), None),
         "eval_seed": args.seed + 1000,
         "dataset": data.name,

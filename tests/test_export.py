@@ -432,3 +432,38 @@ def test_calibration_sets_policy_and_token_minimum(tmp_path):
     jsonschema.validate({**header, "pieces": {}}, SCHEMA)
     pol = sp[1].module
     assert float(pol.a_max) == pytest.approx(0.8) and pol.bucket == 4
+
+
+def test_scenes_model_exports_and_matches_pytorch(tmp_path):
+    """The 256 px scenes model (16 layers of width 512, 10 scales up to 32x32) exports from a weights directory
+    (fresh random weights saved as tools/train_small.py saves them, bfloat16): its first block with and without
+    entropy, the last scale's head / next input / policy pieces and the 256 px VAE decoder, each equal to its
+    PyTorch module on ONNX Runtime within compare.TOLERANCES (block cases up to the 32x32 scale's 1024 tokens)."""
+    from toprovar.model.checkpoint import save_state_dict
+    from toprovar.model.infinity import build_model
+    from toprovar.model.text import tiny_text_encoder
+    from toprovar.model.vae import BSQAutoencoder
+    cfg = get_config("scenes")
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(seed)
+    save_state_dict(build_model(cfg, seed=seed), weights / "model.safetensors", dtype=torch.bfloat16)
+    save_state_dict(BSQAutoencoder(cfg.vae), weights / "vae.safetensors", dtype=torch.bfloat16)
+    save_state_dict(tiny_text_encoder(cfg.text_channels, cfg.text_maxlen, seed=seed).encoder,
+                    weights / "text_encoder.safetensors", dtype=torch.bfloat16)
+    schedule = get_schedule(cfg.default_preset)
+    last = len(schedule) - 1
+    only = ["block_00", "block_00_entropy", f"head_s{last:02d}", f"next_input_s{last:02d}", f"policy_s{last:02d}",
+            "vae_decoder"]
+    out = tmp_path / "export"
+    req = dict(model="scenes", weights=str(weights), out=str(out))
+    export_model(ExportRequest(**req, only=only, progress=False))
+    manifest = load_manifest(out)
+    assert sorted(manifest["pieces"]) == sorted(only)
+    _, sp = build_specs(ExportRequest(**req))
+    specs = {s.name: s for s in sp}
+    for name in only:
+        feeds = piece_feeds(specs[name], manifest["pieces"][name], manifest["spec"] | manifest["model"], schedule)
+        ok, _ = compare_piece(manifest, name, specs[name], feeds)
+        assert ok, f"seed {seed}: {name}: ONNX Runtime differs from PyTorch beyond {TOLERANCES[specs[name].kind]}"

@@ -213,6 +213,27 @@ def test_train_small_resume_continues_the_same_schedule(tmp_path):
     assert (state["step"], state["total"]) == (71, 80)
 
 
+def test_train_small_compile_shares_one_graph_across_blocks(tmp_path):
+    """--compile compiles the transformer blocks regionally: one Dynamo graph for all of them (not one per
+    block), training runs with it, and uncompile_blocks restores the plain forward (tiny model, CPU)."""
+    from torch._dynamo.utils import counters
+    spec = importlib.util.spec_from_file_location("train_small", ROOT / "tools" / "train_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = build_model(get_config("tiny"), seed=0)
+    assert len(model.blocks) >= 2
+    before = counters["stats"]["unique_graphs"]
+    out = tmp_path / "w"
+    assert mod.main(["--model", "tiny", "--device", "cpu", "--images", "16", "--batch", "2", "--tokenizer-steps",
+                     "1", "--steps", "2", "--eval-prompts", "2", "--compile", "--out", str(out)]) == 0
+    assert counters["stats"]["unique_graphs"] - before == 1
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert not any("compile_failed" in r for r in log), log
+    mod.compile_blocks(model)
+    assert all("forward" in vars(b) for b in model.blocks)
+    assert not mod.uncompile_blocks(model) and not any("forward" in vars(b) for b in model.blocks)
+
+
 def test_packaged_shapes_model_follows_prompts():
     """The committed model draws what single-object prompts ask for (held-out: 0.96; chance 0.006)."""
     from toprovar.eval.checker import evaluate

@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-batch", type=int, default=32)
     p.add_argument("--tokenizer-frac", type=float, default=0.25, help="share of the training budget")
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (one graph shared by all; tools/train_small.py)")
     p.add_argument("--resume", default=None, help="a previous --work: tokenizer reused, transformer continued "
                    "(its train_state.pt: the same schedule, optimizer and EMA)")
     p.add_argument("--plan-seconds", type=float, default=None,

@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a trained tokenizer's directory (its vae.safetensors): with --tokenizer-only it is trained "
                         "further; otherwise stage 1 is skipped and the transformer trains from scratch on it")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block, one graph shared by all (falls back to eager)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored by the checker at the end")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="processes rendering the dataset")
@@ -256,6 +257,22 @@ def reconstruct(ae: BSQAutoencoder, images: torch.Tensor, schedule) -> torch.Ten
 STATE = "train_state.pt"  # the transformer's training state in a run's directory (not a shipped file)
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """--compile: each transformer block's forward through torch.compile. The blocks share one compiled graph
+    (regional compilation), so the 16-layer scenes model compiles about as fast as one block; the rest of the
+    step runs eagerly. (Compiling the whole step took 244 s on the H200, bench/results/scenes_attempt1; on the
+    CPU the 8-layer shapes model's first step took 76 s whole, 25 s per block.)"""
+    for blk in model.blocks:
+        blk.forward = torch.compile(blk.forward)
+
+
+def uncompile_blocks(model: torch.nn.Module) -> bool:
+    """Undo ``compile_blocks`` (the class's forward again); returns False (no longer compiled)."""
+    for blk in model.blocks:
+        vars(blk).pop("forward", None)
+    return False
+
+
 def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedule, log: Logger,
                       seconds: float | None = None):
     """Stage 2: the transformer and its text encoder, teacher-forced, within ``seconds`` when given; returns
@@ -307,7 +324,9 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
             logits = model.forward_teacher(cond, ada, ca_kv, lengths, x, ropes, counts)
         return bitwise_loss(logits, bit_labels(b_bits), counts)
 
-    step_fn = torch.compile(forward) if args.compile else forward
+    compiled = args.compile  # after the EMA copies: they must not share the compiled forwards
+    if compiled:
+        compile_blocks(model)
     t_start, t_call, t_plan = time.perf_counter(), [], []
     stop = min(total, start + args.stop_after) if args.stop_after is not None else total
     bar = tqdm(total=stop, initial=start, desc="transformer", unit="step")
@@ -335,13 +354,13 @@ def train_transformer(args, bits: list[torch.Tensor], prompts: list[str], schedu
         b_bits = [b[idx] for b in bits]
         drop = torch.rand(args.batch, device=dev) < args.cfg_drop
         try:
-            loss, per_scale = step_fn(ids[idx], m, drop, b_bits)
+            loss, per_scale = forward(ids[idx], m, drop, b_bits)
         except Exception as exc:  # a compiler failure must not cost the run: continue eagerly
-            if step_fn is forward:
+            if not compiled:
                 raise
             log.log(stage="transformer", step=step, compile_failed=str(exc).splitlines()[0][:300])
-            step_fn = forward
-            loss, per_scale = step_fn(ids[idx], m, drop, b_bits)
+            compiled = uncompile_blocks(model)
+            loss, per_scale = forward(ids[idx], m, drop, b_bits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

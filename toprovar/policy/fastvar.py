@@ -150,7 +150,7 @@ class FastVARPolicy(Policy):
             if model is None:
                 raise ValueError(f"--policy fastvar: needs the PyTorch backend (got {backend.name!r}); its per-"
                                  "sub-layer token choice is not an exported piece")
-            run_block = backend.compiled_fn(FastVARBlock.run) if hasattr(backend, "compiled_fn") else FastVARBlock.run
+            run_block = backend.compiled_fn(FastVARBlock.run)
             return run_block(model.blocks[layer], x, ada, ca_kv, ca_lengths, rope, past_k, past_v, hw, ratio, cache,
                              store)
         return run

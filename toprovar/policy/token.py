@@ -35,17 +35,12 @@ class TokenKeepPiece(nn.Module):
         self.register_buffer("k_min", torch.tensor([k_min], dtype=torch.float32))
         self.bucket = int(bucket)
 
-    def keep_probability(self, entropy: torch.Tensor, phi_r: torch.Tensor) -> torch.Tensor:
-        """P_keep (n,) float32 of entropy (n,) or (1, n), phi_r (1,)."""
+    def forward(self, entropy: torch.Tensor, phi_r: torch.Tensor):
         h = entropy.float().reshape(-1)
         n = torch.ones_like(h).sum()  # N as float32, shape-dynamic
         hn = h * (n / h.sum().clamp_min(1e-12))
         q = phi_r.float().reshape(1) * hn
-        return 1.0 - torch.clamp(self.a_min + (self.a_max - self.a_min) * q, 0.0, 1.0)
-
-    def forward(self, entropy: torch.Tensor, phi_r: torch.Tensor):
-        p_keep = self.keep_probability(entropy, phi_r)
-        n = torch.ones_like(p_keep).sum()
+        p_keep = 1.0 - torch.clamp(self.a_min + (self.a_max - self.a_min) * q, 0.0, 1.0)
         k_lo = torch.clamp(torch.ceil(self.k_min * n - 1e-3), min=1.0)
         k = torch.maximum(torch.round(p_keep.sum()).reshape(1), k_lo)
         k = torch.minimum(torch.ceil(k / self.bucket) * self.bucket, n.reshape(1))

@@ -61,9 +61,12 @@ def test_entropy_probe_matches_direct_statistics():
         for b, rec in enumerate(probe.records):
             msg = f"seed {seed}: scale {si} layer {layer} prompt {b}"
             assert rec["mean"][si][layer] == pytest.approx(e[b].mean(), rel=1e-6), msg
-            assert rec["rho"][si][layer] == pytest.approx((e[b] < e[b].mean()).mean(), abs=1e-6), msg
-            want = (e[b] < FIXED_FRACTION * math.log(keys[si])).mean()
-            assert rec["rho_fixed"][si][layer] == pytest.approx(want, abs=1e-6), msg
+            # a token within float32 rounding of the threshold may fall on either side of it in the probe
+            for got, thr in ((rec["rho"][si][layer], e[b].mean()),
+                             (rec["rho_fixed"][si][layer], FIXED_FRACTION * math.log(keys[si]))):
+                near = np.abs(e[b] - thr) <= 1e-6 * max(abs(thr), 1.0)
+                below = ((e[b] < thr) & ~near).mean()
+                assert below - 1e-6 <= got <= below + near.mean() + 1e-6, (msg, got, below, near.sum())
             if min(h, w) >= 2:
                 m = e[b].reshape(h, w)
                 assert rec["ratio_raw"][si][layer] == pytest.approx(_ratio(m), rel=1e-6), msg
